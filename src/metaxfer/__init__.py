@@ -1,0 +1,36 @@
+"""metaxfer: few-shot learning in PyTorch — meta-learning and transfer learning with honest evaluation.
+
+The names a user touches first::
+
+    import metaxfer
+    learner = metaxfer.load("protonet-omniglot-5w1s")            # or build_learner(...)
+    result = metaxfer.evaluate(learner, sampler.fixed_episodes(600))
+    print(result)   # accuracy: 98.xx ± 0.xx % (95% CI, 600 episodes, ...)
+"""
+
+__version__ = "0.1.0"
+
+from metaxfer.backbones import create as create_backbone
+from metaxfer.build import build_learner
+from metaxfer.evaluate import EvalResult, evaluate
+from metaxfer.hub import list_zoo, load, save
+from metaxfer.learners import Learner, ProtoNet
+from metaxfer.tasks import Episode, EpisodeSampler
+from metaxfer.train import FitResult, fit
+
+__all__ = [
+    "Episode",
+    "EpisodeSampler",
+    "EvalResult",
+    "FitResult",
+    "Learner",
+    "ProtoNet",
+    "__version__",
+    "build_learner",
+    "create_backbone",
+    "evaluate",
+    "fit",
+    "list_zoo",
+    "load",
+    "save",
+]

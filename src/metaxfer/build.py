@@ -1,0 +1,76 @@
+"""Turn configs into objects: learner, datasets, samplers, optimiser, schedule.
+
+This is the only place that knows concrete registries of every kind; the
+learners and the trainer stay independent of each other and of the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+import metaxfer.learners  # noqa: F401  (registers the learners)
+from metaxfer.backbones.registry import create as create_backbone
+from metaxfer.config import DataConfig, ModelConfig, TrainConfig
+from metaxfer.errors import ConfigError
+from metaxfer.learners.base import Learner
+from metaxfer.learners.registry import create_learner
+
+
+def build_learner(model: ModelConfig | dict[str, Any], preprocess: dict[str, Any] | None = None) -> Learner:
+    """Build a learner from a :class:`ModelConfig` (or its dict form).
+
+    The spec is kept on ``learner.build_spec`` so :func:`metaxfer.save` can
+    write it next to the weights; ``preprocess`` (an ``ImagePreprocess`` dict)
+    becomes the learner's ``preprocess``.
+
+    Example:
+        >>> learner = build_learner({"learner": "protonet", "backbone": "conv4", "backbone_args": {"in_channels": 1}})
+    """
+    if isinstance(model, dict):
+        from metaxfer.config import _from_dict
+
+        model = _from_dict(ModelConfig, model, "model")
+    try:
+        backbone = create_backbone(model.backbone, **model.backbone_args)
+    except TypeError as e:
+        raise ConfigError(f"bad backbone_args for {model.backbone!r}: {e}") from None
+    try:
+        learner = create_learner(model.learner, backbone, **model.learner_args)
+    except TypeError as e:
+        raise ConfigError(f"bad learner_args for {model.learner!r}: {e}") from None
+    learner.build_spec = dataclasses.asdict(model)  # type: ignore[assignment]
+    if preprocess is not None:
+        from metaxfer.data.images import ImagePreprocess
+
+        learner.preprocessor = ImagePreprocess.from_dict(preprocess)
+        learner.preprocess_spec = dict(preprocess)  # type: ignore[assignment]
+    return learner
+
+
+def build_dataset(data: DataConfig, split: str) -> Any:
+    """Build the dataset split named by ``data`` (``root`` falls back to ``$METAXFER_DATA``)."""
+    from metaxfer.data.registry import create_dataset
+
+    kwargs = dict(data.args)
+    if data.root is not None:
+        kwargs["root"] = data.root
+    return create_dataset(data.dataset, split=split, **kwargs)
+
+
+def build_optimizer(params: Any, train: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or SGD (momentum 0.9) over ``params``."""
+    if train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, momentum=0.9, weight_decay=train.weight_decay)
+    raise ConfigError(f"unknown optimizer {train.optimizer!r}; choose 'adam' or 'sgd'")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Step decay by ``lr_decay`` every ``lr_decay_every`` steps (ProtoNet's halving every 2000 episodes), or none."""
+    if train.lr_decay_every and train.lr_decay_every > 0:
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=train.lr_decay_every, gamma=train.lr_decay)
+    return None

@@ -1,0 +1,1 @@
+"""The ``metaxfer`` command line."""

@@ -1,0 +1,173 @@
+"""``metaxfer train | eval | configs | models``: parse -> build from config -> train / evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metaxfer.errors import MetaxferError
+
+
+def _protocol(data_cfg: Any, split: str) -> str:
+    protocol = data_cfg.args.get("protocol")
+    return " ".join(str(p) for p in (data_cfg.dataset, protocol, split) if p)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a preset (with overrides), then evaluate the best checkpoint on the fixed test episodes."""
+    import torch
+
+    from metaxfer.atomic import atomic_write_json
+    from metaxfer.build import build_dataset, build_learner, build_optimizer, build_scheduler
+    from metaxfer.config import load_config
+    from metaxfer.evaluate import evaluate
+    from metaxfer.hub import load
+    from metaxfer.runtime import tune_allocator
+    from metaxfer.tasks import EpisodeSampler
+    from metaxfer.train import fit
+
+    tune_allocator()
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or cfg.run_dir or Path("runs") / cfg.name)
+    t, e = cfg.train, cfg.eval
+    torch.manual_seed(t.seed)
+    train_set = build_dataset(cfg.data, cfg.data.train_split)
+    sampler = EpisodeSampler(train_set, t.ways, t.shots, t.queries, seed=t.seed)
+    val_episodes = None
+    if cfg.data.val_split and t.val_episodes > 0:
+        val_set = build_dataset(cfg.data, cfg.data.val_split)
+        val_episodes = EpisodeSampler(val_set, e.ways, e.shots, e.queries, seed=e.seed).fixed_episodes(t.val_episodes, seed=e.seed + 1)
+    preprocess = train_set.preprocess.to_dict() if hasattr(train_set, "preprocess") else None
+    learner = build_learner(cfg.model, preprocess=preprocess)
+    optimizer = build_optimizer(learner.parameters(), t)
+    scheduler = build_scheduler(optimizer, t)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "run_config.json", cfg.to_dict())
+    command = "metaxfer train --config " + args.config + "".join(f" {o}" for o in args.overrides)
+    extra = {"run_config": cfg.to_dict(), "command": command,
+             "data": train_set.describe() if hasattr(train_set, "describe") else None}
+    result = fit(learner, sampler, optimizer, t.steps, t.tasks_per_step, scheduler=scheduler,
+                 val_episodes=val_episodes, val_every=t.val_every, run_dir=run_dir,
+                 checkpoint_every=t.checkpoint_every, resume=not args.restart, grad_clip=t.grad_clip,
+                 on_nonfinite=t.on_nonfinite, device=cfg.device, progress=args.progress, extra_config=extra)
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s; run directory: {run_dir}", flush=True)
+    if args.no_test or not cfg.data.test_split:
+        return 0
+    best = load(run_dir, device=cfg.device)
+    test_set = build_dataset(cfg.data, cfg.data.test_split)
+    episodes = EpisodeSampler(test_set, e.ways, e.shots, e.queries, seed=e.seed).fixed_episodes(e.episodes, seed=e.seed)
+    res = evaluate(best, episodes, protocol=_protocol(cfg.data, cfg.data.test_split))
+    atomic_write_json(run_dir / "test_result.json", {**res.to_dict(), "checkpoint": str(best.card.get("trained_steps")),
+                                                     "command": command})
+    print(res.line(), flush=True)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint or zoo model on fixed test episodes of the data it was trained on."""
+    from metaxfer.build import build_dataset
+    from metaxfer.config import DataConfig, config_from_dict
+    from metaxfer.evaluate import evaluate
+    from metaxfer.hub import load
+    from metaxfer.runtime import tune_allocator
+    from metaxfer.tasks import EpisodeSampler
+
+    tune_allocator()
+    learner = load(args.checkpoint, device=args.device)
+    run_cfg = learner.card.get("run_config")
+    data_cfg = config_from_dict(run_cfg).data if run_cfg else DataConfig()
+    if args.data_root:
+        data_cfg.root = args.data_root
+    split = args.split or data_cfg.test_split
+    eval_defaults = config_from_dict(run_cfg).eval if run_cfg else None
+    ways = args.ways or (eval_defaults.ways if eval_defaults else 5)
+    shots = args.shots or (eval_defaults.shots if eval_defaults else 1)
+    dataset = build_dataset(data_cfg, split)
+    episodes = EpisodeSampler(dataset, ways, shots, args.queries, seed=args.seed).fixed_episodes(args.episodes, seed=args.seed)
+    res = evaluate(learner, episodes, protocol=_protocol(data_cfg, split), device=args.device, progress=args.progress)
+    if args.json:
+        print(json.dumps({**res.to_dict(), "checkpoint": str(args.checkpoint)}, indent=2))
+    else:
+        print(res.line())
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    """List the packaged presets, or print one."""
+    from metaxfer.config import list_presets, load_config
+
+    if args.show:
+        print(yaml.safe_dump(load_config(args.show).to_dict(), sort_keys=False), end="")
+        return 0
+    for name in list_presets():
+        print(f"{name:32s} {load_config(name).description}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the packaged pretrained models with their recorded test accuracy."""
+    from metaxfer.hub import list_zoo, read_config, zoo_root
+
+    for name in list_zoo():
+        card = read_config(zoo_root() / name).get("card", {})
+        print(f"{name:32s} {card.get('accuracy', '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``metaxfer`` command."""
+    parser = argparse.ArgumentParser(prog="metaxfer", description="Few-shot learning: train, evaluate and list presets.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (validation results, resumes)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a preset: metaxfer train --config omniglot/protonet_5w1s [train.steps=100 ...]")
+    p.add_argument("--config", required=True, help="preset name (see `metaxfer configs`) or YAML path")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100 data.root=/data")
+    p.add_argument("--run-dir", help="where checkpoints and metrics go (default: runs/<name>)")
+    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in the run directory")
+    p.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint or zoo model on fixed test episodes")
+    p.add_argument("--checkpoint", required=True, help="run or model directory, or a zoo name (see `metaxfer models`)")
+    p.add_argument("--ways", type=int, help="classes per episode (default: the model's eval config)")
+    p.add_argument("--shots", type=int, help="support examples per class (default: the model's eval config)")
+    p.add_argument("--queries", type=int, default=15, help="query examples per class (default 15)")
+    p.add_argument("--episodes", type=int, default=600, help="number of fixed episodes (default 600)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fixed episodes (default 0)")
+    p.add_argument("--split", help="dataset split (default: the model's test split)")
+    p.add_argument("--data-root", help="dataset folder (default: $METAXFER_DATA/<dataset>)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the full result record as JSON")
+    p.add_argument("--progress", action="store_true", help="progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("configs", help="list packaged presets")
+    p.add_argument("--show", metavar="NAME", help="print one preset in full")
+    p.set_defaults(func=cmd_configs)
+
+    p = sub.add_parser("models", help="list packaged pretrained models")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for bad input, with a one-line message)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except MetaxferError as e:
+        print(f"metaxfer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""Fixed-episode evaluation with 95% confidence intervals."""
+
+from metaxfer.evaluate.evaluate import EvalResult, episode_accuracy, evaluate, mean_ci95
+
+__all__ = ["EvalResult", "episode_accuracy", "evaluate", "mean_ci95"]

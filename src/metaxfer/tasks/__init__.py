@@ -1,0 +1,6 @@
+"""Episodes (few-shot tasks) and their samplers."""
+
+from metaxfer.tasks.episode import Episode, stack_episodes
+from metaxfer.tasks.sampler import EpisodeSampler, EpisodeSet, dataset_labels, gather
+
+__all__ = ["Episode", "EpisodeSampler", "EpisodeSet", "dataset_labels", "gather", "stack_episodes"]

@@ -1,0 +1,6 @@
+"""The training loop, checkpoints and metrics."""
+
+from metaxfer.train.checkpoints import Checkpoints
+from metaxfer.train.fit import FitResult, fit
+
+__all__ = ["Checkpoints", "FitResult", "fit"]

@@ -1,0 +1,229 @@
+"""The one training loop: meta-batches, validation, checkpoints, exact resume, metrics."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metaxfer.errors import ConfigError, NonFiniteLossError
+from metaxfer.evaluate.evaluate import EvalResult, evaluate
+from metaxfer.hub import load_weights, write_learner
+from metaxfer.atomic import atomic_write_dir
+from metaxfer.learners.base import Learner
+from metaxfer.tasks.sampler import EpisodeSampler, EpisodeSet
+from metaxfer.train.checkpoints import Checkpoints
+from metaxfer.train.metrics import MetricsLog, plot_learning_curve
+from metaxfer.train.state import save_state
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns."""
+
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val: EvalResult | None = None
+    best_step: int | None = None
+    run_dir: Path | None = None
+    seconds: float = 0.0
+    skipped_steps: list[int] = field(default_factory=list)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(
+    learner: Learner,
+    sampler: EpisodeSampler,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    tasks_per_step: int = 1,
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    val_episodes: EpisodeSet | None = None,
+    val_every: int = 500,
+    run_dir: str | Path | None = None,
+    checkpoint_every: int = 500,
+    resume: bool = True,
+    grad_clip: float | None = None,
+    on_nonfinite: str = "stop",
+    device: torch.device | str = "cpu",
+    log_every: int = 10,
+    progress: bool | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> FitResult:
+    """Meta-train ``learner`` on episodes from ``sampler``.
+
+    Each step draws a meta-batch of ``tasks_per_step`` episodes (``[T, ...]``
+    tensors), calls ``learner.loss(batch)``, backpropagates and steps the
+    optimiser (and scheduler).
+
+    With a ``run_dir``, every ``checkpoint_every`` steps (and at the end) a
+    checkpoint is written atomically: weights, optimiser, scheduler, every RNG
+    and the sampler position; ``resume=True`` continues from the latest one and
+    gives exactly the losses an uninterrupted run gives. Validation on the
+    fixed ``val_episodes`` every ``val_every`` steps keeps the best checkpoint.
+    Metrics go to ``metrics.jsonl`` / ``metrics.csv``, and a learning curve to
+    ``curve.png`` (with matplotlib installed).
+
+    Args:
+        learner: the learner to train (moved to ``device``).
+        sampler: training episodes.
+        optimizer: over ``learner.parameters()``.
+        steps: total number of steps (a resumed run continues up to it).
+        tasks_per_step: tasks per meta-batch.
+        scheduler: stepped once per step.
+        val_episodes: fixed validation episodes (e.g. ``val_sampler.fixed_episodes(200)``).
+        val_every: validate every this many steps.
+        run_dir: where checkpoints and metrics go; ``None`` keeps nothing on disk.
+        checkpoint_every: checkpoint every this many steps.
+        resume: continue from ``run_dir``'s latest checkpoint if there is one;
+            ``False`` deletes the run's previous checkpoints and starts over.
+        grad_clip: clip the global gradient norm to this value.
+        on_nonfinite: ``"stop"`` raises :class:`NonFiniteLossError` naming the
+            step (the last good checkpoint stays); ``"skip"`` drops the step
+            with a warning.
+        device: where to train.
+        log_every: record training metrics every this many steps.
+        progress: progress bar; default: only when stderr is a terminal.
+        extra_config: JSON-ready fields stored in each checkpoint's ``config.json``.
+
+    Returns:
+        :class:`FitResult` with the metric history and best validation result.
+
+    Raises:
+        NonFiniteLossError: on a NaN/inf loss when ``on_nonfinite="stop"``.
+    """
+    if on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+    if steps < 0 or tasks_per_step <= 0 or val_every <= 0 or checkpoint_every <= 0 or log_every <= 0:
+        raise ConfigError("steps must be >= 0 and tasks_per_step, val_every, checkpoint_every, log_every > 0")
+    learner.to(device)
+    run_path = Path(run_dir) if run_dir is not None else None
+    ckpts = Checkpoints(run_path) if run_path is not None else None
+    start, best_acc, best_step = 0, -math.inf, None
+    best_val: EvalResult | None = None
+    if ckpts is not None and not resume and ckpts.root.exists():
+        # A fresh start must not leave pointers to the old run's checkpoints behind.
+        logger.warning("resume=False: removing the previous checkpoints in %s", ckpts.root)
+        shutil.rmtree(ckpts.root)
+    if ckpts is not None and resume:
+        found = ckpts.latest_state()
+        if found is not None:
+            directory, state = found
+            load_weights(learner, directory / "model.safetensors")
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler") is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            sampler.load_state_dict(state["sampler"])
+            _set_rng_state(state["rng"])
+            start = int(state["step"])
+            best_acc = state["best_acc"] if state["best_acc"] is not None else -math.inf
+            best_step = state["best_step"]
+            logger.info("resumed from %s at step %d", directory, start)
+    if run_path is not None:
+        run_path.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run_path, resume_step=start) if run_path is not None else None
+    history = list(log.records) if log is not None else []
+
+    def checkpoint(step: int, is_best: bool) -> None:
+        assert ckpts is not None
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "sampler": sampler.state_dict(),
+            "rng": _rng_state(),
+            "best_acc": None if best_acc == -math.inf else best_acc,
+            "best_step": best_step,
+        }
+        directory = ckpts.root / Checkpoints.name(step)
+
+        def fill(tmp: Path) -> None:
+            write_learner(learner, tmp, {"trained_steps": step, **(extra_config or {})})
+            save_state(tmp, "trainer", state)
+
+        atomic_write_dir(directory, fill)
+        ckpts.point("latest", directory)
+        if is_best:
+            ckpts.point("best", directory)
+        ckpts.prune()
+
+    show = progress if progress is not None else sys.stderr.isatty()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=start, disable=not show, desc="train", dynamic_ncols=True)
+    skipped: list[int] = []
+    t0 = time.perf_counter()
+    step = start
+    try:
+        for step in range(start + 1, steps + 1):
+            learner.train()
+            batch = sampler.sample_batch(tasks_per_step).to(device)
+            loss = learner.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                if on_nonfinite == "stop":
+                    where = f"; the last good checkpoint is {ckpts.pointer('latest')}" if ckpts and ckpts.pointer("latest") else ""
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at step {step}{where}. Lower the learning rate or set "
+                        "train.grad_clip, or pass on_nonfinite='skip' to drop such steps"
+                    )
+                warnings.warn(f"non-finite loss {loss.item()} at step {step}; step skipped", RuntimeWarning, stacklevel=2)
+                skipped.append(step)
+            else:
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(learner.parameters(), grad_clip)
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            record: dict[str, Any] | None = None
+            if step % log_every == 0 or step == steps:
+                metrics = getattr(learner, "last_metrics", {}) or {}
+                record = {"step": step, "loss": loss.item(), "accuracy": metrics.get("accuracy"),
+                          "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)}
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            is_best = False
+            if val_episodes is not None and (step % val_every == 0 or step == steps):
+                result = evaluate(learner, val_episodes, device=device)
+                record = record or {"step": step, "loss": None, "accuracy": None,
+                                    "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)}
+                record.update(val_accuracy=result.mean, val_ci95=result.ci95)
+                logger.info("step %d: validation %s", step, result.line())
+                if result.mean > best_acc:
+                    best_acc, best_step, best_val, is_best = result.mean, step, result, True
+            if record is not None:
+                history.append(record)
+                if log is not None:
+                    log.append(record)
+            if ckpts is not None and (step % checkpoint_every == 0 or step == steps or is_best):
+                checkpoint(step, is_best)
+            bar.update(1)
+    finally:
+        bar.close()
+        if run_path is not None and history:
+            plot_learning_curve(history, run_path / "curve.png")
+    return FitResult(steps=step, history=history, best_val=best_val, best_step=best_step, run_dir=run_path,
+                     seconds=time.perf_counter() - t0, skipped_steps=skipped)

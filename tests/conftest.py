@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny synthetic datasets and a fast Conv4."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaxfer.data.synthetic import ClusterImages
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_omniglot() -> Path | None:
+    """The real Omniglot folder, when this machine has it ($METAXFER_DATA or ../shared/data)."""
+    for base in (os.environ.get("METAXFER_DATA"), str(REPO.parent / "shared" / "data")):
+        if base and (Path(base) / "omniglot" / "images_background.zip").is_file():
+            return Path(base) / "omniglot"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def clusters() -> ClusterImages:
+    """20 classes x 10 examples of 1x16x16 images (Gaussian clusters)."""
+    return ClusterImages("train", num_classes=20, per_class=10, image_size=16, noise=0.5)
+
+
+@pytest.fixture
+def small_conv4() -> torch.nn.Module:
+    """A narrow Conv4 (8 channels) for 16x16 inputs."""
+    from metaxfer.backbones import create
+
+    return create("conv4", in_channels=1, hidden=8, image_size=16)
