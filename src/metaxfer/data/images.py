@@ -1,0 +1,197 @@
+"""Image decoding and preprocessing shared by datasets and learners.
+
+:class:`ImagePreprocess` is the single definition of "how a picture becomes a
+tensor". Datasets decode through it and learners carry it (``to_dict`` /
+``from_dict``), so that a user's own images are preprocessed exactly like the
+training images were.
+
+It works in two stages so that datasets can cache compactly:
+
+1. :meth:`ImagePreprocess.to_pixels` - Pillow ``convert(mode)`` then
+   ``resize`` to ``uint8 [N, C, H, W]``. This is the expensive, lossy part;
+   datasets store its output (1 byte per pixel).
+2. :meth:`ImagePreprocess.from_pixels` - scale to ``[0, 1]`` float32,
+   optionally invert, optionally normalise. Cheap and elementwise, so it is run
+   on every batch, and it commutes with 90-degree rotations.
+
+``preprocess(images) == preprocess.from_pixels(preprocess.to_pixels(images))``
+by definition, which is what makes a dataset's tensors and ``preprocess([img])``
+equal bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from metaxfer.errors import ConfigError
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def _per_channel(name: str, value: float | Sequence[float] | None, channels: int) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    values = (float(value),) * channels if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+    if len(values) != channels:
+        raise ConfigError(f"{name} has {len(values)} values but mode has {channels} channels; give one value per channel")
+    return values
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """Pillow image(s) -> ``float32 [N, C, H, W]`` tensor.
+
+    Args:
+        size: output size, an int for square ``size x size`` or ``(height, width)``.
+        mode: Pillow mode to convert to first ("L" grayscale -> C=1, "RGB" -> C=3).
+            Converting *before* resizing matters: Pillow resizes mode "1"
+            (1-bit) images with NEAREST whatever ``resample`` says.
+        invert: map ``v -> 1 - v`` after scaling to ``[0, 1]``, so that dark
+            strokes on white paper (Omniglot) become 1 on a 0 background, as in
+            the ProtoNet code.
+        resample: Pillow filter name: nearest, box, bilinear, hamming, bicubic
+            or lanczos (the MAML / cbfinn Omniglot recipe).
+        mean: optional per-channel mean (or one float for all) subtracted after
+            scaling and inversion.
+        std: optional per-channel std (or one float) divided by after ``mean``.
+
+    Example:
+        >>> pre = ImagePreprocess(size=28)
+        >>> x = pre([Image.open("my_character.png")])   # float32 [1, 1, 28, 28] in [0, 1]
+        >>> ImagePreprocess.from_dict(pre.to_dict()) == pre
+        True
+    """
+
+    size: int | tuple[int, int]
+    mode: str = "L"
+    invert: bool = True
+    resample: str = "lanczos"
+    mean: float | tuple[float, ...] | None = None
+    std: float | tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        size = self.size
+        if isinstance(size, (list, tuple)):
+            size = tuple(int(s) for s in size)
+            if len(size) != 2:
+                raise ConfigError(f"size must be an int or (height, width), got {self.size!r}")
+        elif isinstance(size, int) and not isinstance(size, bool):
+            size = int(size)
+        else:
+            raise ConfigError(f"size must be an int or (height, width), got {self.size!r}")
+        if min((size,) if isinstance(size, int) else size) <= 0:
+            raise ConfigError(f"size must be positive, got {self.size!r}")
+        # frozen dataclass: normalise lists from YAML/JSON into hashable tuples.
+        object.__setattr__(self, "size", size)
+        try:
+            Image.getmodebands(self.mode)
+        except (KeyError, ValueError):
+            raise ConfigError(f"unknown Pillow mode {self.mode!r}; use 'L' (grayscale) or 'RGB'") from None
+        if self.resample.lower() not in _RESAMPLE:
+            raise ConfigError(f"unknown resample {self.resample!r}; choose one of: {', '.join(_RESAMPLE)}")
+        object.__setattr__(self, "resample", self.resample.lower())
+        c = self.channels
+        object.__setattr__(self, "mean", _per_channel("mean", self.mean, c))
+        std = _per_channel("std", self.std, c)
+        if std is not None and min(std) <= 0:
+            raise ConfigError(f"std must be positive, got {self.std!r}")
+        object.__setattr__(self, "std", std)
+
+    @property
+    def height_width(self) -> tuple[int, int]:
+        """Output ``(height, width)``."""
+        return (self.size, self.size) if isinstance(self.size, int) else self.size  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> int:
+        """Output channels C (1 for "L", 3 for "RGB")."""
+        return Image.getmodebands(self.mode)
+
+    def to_pixels(self, images: Sequence[Image.Image]) -> Tensor:
+        """Convert and resize: the lossy, cacheable stage.
+
+        Args:
+            images: N Pillow images of any mode and size.
+
+        Returns:
+            ``uint8 [N, C, H, W]``.
+        """
+        h, w = self.height_width
+        out = np.empty((len(images), h, w, self.channels), dtype=np.uint8)
+        resample = _RESAMPLE[self.resample]
+        for i, image in enumerate(images):
+            if image.mode != self.mode:
+                image = image.convert(self.mode)
+            if image.size != (w, h):
+                image = image.resize((w, h), resample=resample)
+            out[i] = np.asarray(image, dtype=np.uint8).reshape(h, w, self.channels)
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+    def from_pixels(self, pixels: Tensor) -> Tensor:
+        """Scale, invert and normalise: the cheap, elementwise stage.
+
+        Args:
+            pixels: ``uint8 [..., C, H, W]`` as returned by :meth:`to_pixels`
+                (any leading shape, e.g. ``[C, H, W]`` or ``[N, C, H, W]``).
+
+        Returns:
+            ``float32`` tensor of the same shape.
+        """
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"from_pixels expects a uint8 tensor, got {pixels.dtype}")
+        # Invert in uint8 so that 0 and 255 map exactly to 1.0 and 0.0.
+        x = (255 - pixels) if self.invert else pixels
+        x = x.to(torch.float32).div_(255.0)
+        if self.mean is not None:
+            x = x.sub_(torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1))
+        if self.std is not None:
+            x = x.div_(torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1))
+        return x
+
+    def __call__(self, images: Sequence[Image.Image]) -> Tensor:
+        """Preprocess N images into ``float32 [N, C, H, W]``."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        return self.from_pixels(self.to_pixels(images))
+
+    def decode_key(self) -> str:
+        """Identifies the output of :meth:`to_pixels` (used in cache file names)."""
+        h, w = self.height_width
+        return f"{self.mode}-{self.resample}-{h}x{w}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (YAML/JSON/checkpoint friendly)."""
+        return {
+            "size": self.size if isinstance(self.size, int) else list(self.size),
+            "mode": self.mode,
+            "invert": self.invert,
+            "resample": self.resample,
+            "mean": None if self.mean is None else list(self.mean),
+            "std": None if self.std is None else list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ImagePreprocess":
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ConfigError: on unknown keys.
+        """
+        unknown = set(data) - {"size", "mode", "invert", "resample", "mean", "std"}
+        if unknown:
+            raise ConfigError(f"unknown ImagePreprocess keys {sorted(unknown)}; allowed: size, mode, invert, resample, mean, std")
+        return cls(**data)

@@ -1,0 +1,45 @@
+"""Dataset registry: ``create_dataset("omniglot", split="train", protocol="vinyals")``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metaxfer.data.omniglot import Omniglot
+from metaxfer.registry import Registry
+
+DATASETS: Registry[Any] = Registry("dataset")
+register_dataset = DATASETS.register
+
+
+@register_dataset("omniglot")
+def _omniglot(split: str = "train", **kwargs: Any) -> Omniglot:
+    return Omniglot(split=split, **kwargs)
+
+
+def create_dataset(name: str, split: str = "train", **kwargs: Any) -> Any:
+    """Build a registered dataset by name.
+
+    Args:
+        name: registered name (see ``DATASETS.names()``).
+        split: split name understood by that dataset.
+        **kwargs: passed to the dataset (e.g. ``root``, ``protocol``, ``image_size``).
+
+    Raises:
+        ConfigError: for an unknown name, listing the registered ones.
+
+    Example:
+        >>> test = create_dataset("omniglot", split="test", protocol="vinyals", image_size=28)
+    """
+    return DATASETS.create(name, split=split, **kwargs)
+
+
+def list_datasets() -> list[str]:
+    """Names of all registered datasets."""
+    return DATASETS.names()
+
+
+@register_dataset("clusters")
+def _clusters(split: str = "train", **kwargs: Any) -> Any:
+    from metaxfer.data.synthetic import ClusterImages
+
+    return ClusterImages(split=split, **kwargs)

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from metaxfer.cli.main import main
+
+CLUSTERS = [
+    "model.backbone_args={in_channels: 1, hidden: 8, image_size: 16}",
+    "data.dataset=clusters",
+    "data.args={num_classes: 12, per_class: 10, image_size: 16}",
+    "train.ways=5", "train.shots=1", "train.queries=3", "train.steps=6", "train.val_every=3",
+    "train.val_episodes=4", "train.checkpoint_every=3", "train.lr_decay_every=0",
+    "eval.ways=5", "eval.episodes=10", "eval.queries=3",
+]
+
+
+def test_configs_lists_presets(capsys):
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    assert "omniglot/protonet_5w1s" in out and "omniglot/maml_5w1s" in out
+    assert main(["configs", "--show", "omniglot/maml_5w1s"]) == 0
+    assert "learner: maml" in capsys.readouterr().out
+
+
+def test_train_then_eval(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(run), *CLUSTERS]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy:" in out and "(95% CI, 10 episodes, clusters test, 5-way 1-shot)" in out
+    result = json.loads((run / "test_result.json").read_text())
+    assert result["n"] == 10
+    assert main(["eval", "--checkpoint", str(run), "--episodes", "7", "--ways", "4", "--queries", "2", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["n"] == 7 and record["ways"] == 4
+
+
+def test_unknown_key_and_preset_exit_2(tmp_path, capsys):
+    assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(tmp_path), "train.wayz=5"]) == 2
+    assert "unknown config key(s) train.wayz; valid keys under train:" in capsys.readouterr().err
+    assert main(["train", "--config", "omniglot/nope"]) == 2
+    assert "unknown preset or config file 'omniglot/nope'" in capsys.readouterr().err
+
+
+def test_eval_of_missing_checkpoint(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "none")]) == 2
+    assert "no model at" in capsys.readouterr().err
+
+
+def test_impossible_episode_sizes_exit_2(tmp_path, capsys):
+    args = [a for a in CLUSTERS if not a.startswith("train.ways")] + ["train.ways=20"]
+    assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(tmp_path), *args]) == 2
+    assert "ways=20 but the dataset has only 12 classes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_python_m_entry_point():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "metaxfer", "configs"], capture_output=True, text=True, check=True).stdout
+    assert "omniglot/protonet_20w1s" in out
