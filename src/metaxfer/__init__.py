@@ -14,11 +14,12 @@ from metaxfer.backbones import create as create_backbone
 from metaxfer.build import build_learner
 from metaxfer.evaluate import EvalResult, evaluate
 from metaxfer.hub import list_zoo, load, save
-from metaxfer.learners import Learner, ProtoNet
+from metaxfer.learners import MAML, Learner, ProtoNet
 from metaxfer.tasks import Episode, EpisodeSampler
 from metaxfer.train import FitResult, fit
 
 __all__ = [
+    "MAML",
     "Episode",
     "EpisodeSampler",
     "EvalResult",

@@ -1,0 +1,245 @@
+"""Differentiable inner loops over parameter dicts (``torch.func``), shared by MAML and its family.
+
+Everything here is a pure function of tensors and dicts of tensors: no module
+is cloned, mutated or patched, so the same code runs per task, under
+``torch.func.vmap`` over the tasks of a meta-batch, and under outer autograd
+(the meta-gradient of Finn et al. 2017 flows through :func:`inner_loop`).
+
+Two pieces:
+
+* :func:`inner_loop` / :func:`sgd_step`: ``steps`` gradient-descent steps on a
+  support loss, second-order by default (Finn, Abbeel & Levine, ICML 2017,
+  eq. 1) or first-order (their "first-order approximation", FOMAML), with a
+  scalar or per-parameter learning rate (Li et al. 2017, Meta-SGD).
+* :func:`support_batch_norm`: a context in which every BatchNorm normalises
+  with the batch statistics of the leading *support* rows of its input, so a
+  forward pass over ``cat([support, query])`` adapts BatchNorm to the task
+  without letting query examples influence each other (non-transductive), is
+  exact under ``vmap`` and second-order autograd, and never reads or writes
+  running-statistics buffers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+
+Params = dict[str, Tensor]
+LearningRate = float | Tensor | Mapping[str, float | Tensor]
+SupportLoss = Callable[[Params, Tensor, Tensor], Tensor]
+
+__all__ = ["LearningRate", "Params", "SupportLoss", "inner_loop", "sgd_step", "support_batch_norm", "without_running_stats"]
+
+
+def sgd_step(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: LearningRate) -> Params:
+    """One plain gradient-descent step ``theta - lr * g`` on a parameter dict.
+
+    Args:
+        params: name -> parameter tensor.
+        grads: name -> gradient, same keys and shapes as ``params``.
+        lr: a float or scalar tensor shared by all parameters, or a mapping
+            name -> float / tensor broadcastable to that parameter (Meta-SGD's
+            per-parameter learning rates, Li et al. 2017, "Meta-SGD: Learning
+            to Learn Quickly for Few-Shot Learning").
+
+    Returns:
+        A new dict of updated tensors (the inputs are not modified).
+
+    Raises:
+        KeyError: when ``lr`` is a mapping without an entry for some parameter.
+    """
+    if isinstance(lr, Mapping):
+        missing = [name for name in params if name not in lr]
+        if missing:
+            raise KeyError(f"per-parameter learning rates lack entries for {missing}; give one for every adapted parameter")
+        return {name: p - lr[name] * grads[name] for name, p in params.items()}
+    return {name: p - lr * grads[name] for name, p in params.items()}
+
+
+def inner_loop(
+    support_loss: SupportLoss,
+    params: Mapping[str, Tensor],
+    support_x: Tensor,
+    support_y: Tensor,
+    lr: LearningRate,
+    steps: int,
+    first_order: bool = False,
+) -> Params:
+    """Adapt ``params`` to one task by ``steps`` gradient steps on its support loss.
+
+    Implements the inner update of MAML (Finn, Abbeel & Levine 2017, eq. 1),
+    ``theta' = theta - lr * grad_theta L_support(theta)``, repeated ``steps``
+    times. Gradients come from ``torch.func.grad``, so the function composes
+    with ``torch.func.vmap`` (one call per task, vectorised) and with outer
+    autograd: by default the returned parameters are differentiable functions
+    of ``params`` *through* the inner gradients (second-order meta-gradients,
+    Hessian-vector products included). With ``first_order=True`` each inner
+    gradient is detached, so the meta-gradient treats it as a constant (the
+    paper's first-order approximation, FOMAML); ``theta'`` then still depends
+    on ``theta`` through the identity path.
+
+    Args:
+        support_loss: ``(params, x, y) -> scalar`` loss of the model with
+            ``params`` on ``(x, y)``; pure (typically
+            ``torch.func.functional_call`` followed by a loss).
+        params: name -> tensor, the parameters to adapt (any subset of a
+            model's parameters; the others are closed over by
+            ``support_loss``, which is how ANIL adapts only the head).
+        support_x: ``[S, *x_shape]`` support inputs of one task.
+        support_y: ``[S]`` (or ``[S, *y_shape]``) support targets.
+        lr: inner learning rate, see :func:`sgd_step`.
+        steps: number of gradient steps (``0`` returns ``params`` unchanged).
+        first_order: detach the inner gradients (first-order MAML).
+
+    Returns:
+        The adapted parameters ``theta'`` as a new dict with the keys of ``params``.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 3)
+        >>> params = dict(model.named_parameters())
+        >>> def support_loss(p, x, y):
+        ...     return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y)
+        >>> adapted = inner_loop(support_loss, params, torch.randn(6, 4), torch.arange(3).repeat(2), 0.4, 2)
+        >>> sorted(adapted)
+        ['bias', 'weight']
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    grad_fn = torch.func.grad(support_loss)
+    adapted: Params = dict(params)
+    for _ in range(steps):
+        grads = grad_fn(adapted, support_x, support_y)
+        if first_order:
+            # Detaching at the outer level keeps the step's value but drops its
+            # dependence on theta: the meta-gradient sees d theta'/d theta = I.
+            grads = {name: g.detach() for name, g in grads.items()}
+        adapted = sgd_step(adapted, grads, lr)
+    return adapted
+
+
+# --- BatchNorm with support statistics ---------------------------------------------------------
+
+_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
+
+
+class _SupportBatchNormMode(TorchFunctionMode):
+    """Torch-function mode that reroutes ``F.batch_norm`` (see :func:`support_batch_norm`)."""
+
+    def __init__(self, num_support: int | None) -> None:
+        super().__init__()
+        self.num_support = num_support
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.batch_norm:
+            return func(*args, **kwargs)
+        bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        return _normalise(a["input"], a["weight"], a["bias"], a["eps"], self.num_support)
+
+
+def _normalise(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, num_support: int | None) -> Tensor:
+    """``[N, C, *]`` -> BatchNorm of ``x`` with the biased batch statistics of ``x[:num_support]``.
+
+    Written out with elementary ops rather than ``torch.batch_norm``: the
+    native kernel cannot take gradients through externally supplied
+    statistics, and its vmap rule gives wrong second-order gradients for the
+    affine weight and bias (functorch issue #534); this form is exact under
+    ``vmap``, ``grad`` and their compositions.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"batch_norm expects input of shape [N, C, *], got {tuple(x.shape)}")
+    stats_rows = x if num_support is None else x[:num_support]
+    if stats_rows.shape[0] == 0:
+        raise ValueError("BatchNorm statistics need at least one support example; the support set is empty")
+    reduce_dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(stats_rows, dim=reduce_dims, correction=0, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + eps)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def support_batch_norm(num_support: int | None = None) -> TorchFunctionMode:
+    """Context manager: BatchNorm normalises with the statistics of the first ``num_support`` rows.
+
+    Inside the context, every call to ``torch.nn.functional.batch_norm`` (which
+    all ``nn.BatchNorm1d/2d/3d`` layers use) computes
+    ``(x - mean) / sqrt(var + eps) * weight + bias`` where ``mean`` and the
+    biased ``var`` are taken over the first ``num_support`` rows of its input
+    ``x [N, C, *]`` (all rows when ``num_support`` is None), per channel. The
+    layer's ``training`` flag, running statistics and momentum are ignored and
+    the running statistics are never updated. A layer in training mode still
+    increments its ``num_batches_tracked`` counter itself (an in-place write
+    that ``vmap`` and ``grad`` reject); pass :func:`without_running_stats`
+    as buffers to ``torch.func.functional_call`` to switch that off too.
+
+    Run a forward pass over ``torch.cat([support_x, query_x])`` with
+    ``num_support = len(support_x)``: the support rows are normalised exactly
+    as in a training-mode pass over the support alone, and each query row is
+    normalised with the same support statistics, so its output does not
+    depend on the other query rows (non-transductive). This is a sanctioned
+    PyTorch extension point (``torch.overrides.TorchFunctionMode``), scoped to
+    the ``with`` block and the current thread; it does not patch modules.
+
+    Args:
+        num_support: number of leading rows whose statistics normalise every
+            row; ``None`` uses the whole batch (plain training-mode BatchNorm).
+
+    Returns:
+        A context manager (``with support_batch_norm(5): ...``).
+
+    Example:
+        >>> bn = torch.nn.BatchNorm1d(3)
+        >>> support, query = torch.randn(5, 3), torch.randn(2, 3)
+        >>> with support_batch_norm(5):
+        ...     out = torch.func.functional_call(bn, without_running_stats(bn), (torch.cat([support, query]),), strict=False)
+        >>> torch.allclose(out[:5], torch.nn.functional.batch_norm(support, None, None, bn.weight, bn.bias, True))
+        True
+    """
+    if num_support is not None and num_support < 1:
+        raise ValueError(f"num_support must be >= 1 (or None for the whole batch), got {num_support}")
+    return _SupportBatchNormMode(num_support)
+
+
+def without_running_stats(module: nn.Module) -> dict[str, None]:
+    """Buffer overrides for ``torch.func.functional_call`` that hide every BatchNorm's running state.
+
+    Maps ``running_mean``, ``running_var`` and ``num_batches_tracked`` of each
+    ``nn.BatchNorm*`` layer in ``module`` to ``None``. A layer without them
+    normalises with batch statistics and writes no buffer, whatever its
+    ``training`` flag: this is what makes a functional forward pass pure
+    (no in-place updates, which ``vmap`` and ``grad`` reject, and no change
+    to the module's state).
+
+    Args:
+        module: any module; layers other than BatchNorm are not affected.
+
+    Returns:
+        ``{"<layer>.running_mean": None, ...}`` (empty when there is no BatchNorm).
+    """
+    overrides: dict[str, None] = {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, _BatchNorm):
+            prefix = f"{name}." if name else ""
+            for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                if getattr(layer, buffer, None) is not None:
+                    overrides[prefix + buffer] = None
+    return overrides
