@@ -8,12 +8,13 @@ PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 SHARED_DATA := $(abspath ../shared/data)
 export METAXFER_DATA ?= $(if $(wildcard $(SHARED_DATA)/omniglot),$(SHARED_DATA),)
-# Keep freed activations in the process instead of returning them to the OS each step (1.2-2.7x here).
-export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
-export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
+# OpenMP threads sleep instead of spinning while waiting: 3-6x faster on shared cores, ~3% slower on idle ones
+# (benchmarks/README.md). Read only when torch loads, so it must be set before the process starts.
+# (The allocator is tuned inside the process by metaxfer.runtime.tune_allocator.)
+export OMP_WAIT_POLICY ?= PASSIVE
 DEMO_STEPS ?= 1000
 
-.PHONY: demo test test-fast install dev clean
+.PHONY: demo test test-fast install dev clean bench-setup bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +46,11 @@ test-fast: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+
+# Speed against the peers (easyfsl 1.5.0, learn2learn 0.2.0) in a separate .venv-bench; see benchmarks/README.md.
+bench-setup:
+	bash benchmarks/setup_peers.sh
+
+bench: bench-setup
+	.venv-bench/bin/python benchmarks/speed_protonet.py --rounds 20 --ablation --memory --out bench-out/protonet.json
+	.venv-bench/bin/python benchmarks/speed_maml.py --rounds 10 --out bench-out/maml.json

@@ -21,6 +21,15 @@ def shared_omniglot() -> Path | None:
     return None
 
 
+@pytest.fixture
+def omniglot_root() -> Path:
+    """The real Omniglot folder; skips the test where this machine has none."""
+    root = shared_omniglot()
+    if root is None:
+        pytest.skip("real Omniglot not available (set METAXFER_DATA or put it in ../shared/data)")
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads() -> None:
     torch.manual_seed(0)

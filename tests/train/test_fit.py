@@ -41,21 +41,29 @@ class Crash(Exception):
     pass
 
 
+def on_call(learner, n, change):
+    """Make the ``n``-th call of ``learner.loss`` return ``change(loss)`` (or raise inside ``change``)."""
+    real_loss = learner.loss
+    calls = {"n": 0}
+
+    def loss(batch):
+        calls["n"] += 1
+        value = real_loss(batch)
+        return change(value) if calls["n"] == n else value
+
+    learner.loss = loss
+
+
+def crash(_):
+    raise Crash("killed")
+
+
 def test_killed_run_resumes_to_identical_curve(clusters, tmp_path):
     learner, sampler, opt, sched = make(clusters)
     full = fit(learner, sampler, opt, 10, 1, scheduler=sched, run_dir=tmp_path / "a", checkpoint_every=2, log_every=1)
 
     learner, sampler, opt, sched = make(clusters)
-    real_loss = learner.loss
-    calls = {"n": 0}
-
-    def dying_loss(batch):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise Crash("killed")
-        return real_loss(batch)
-
-    learner.loss = dying_loss
+    on_call(learner, 7, crash)
     with pytest.raises(Crash):
         fit(learner, sampler, opt, 10, 1, scheduler=sched, run_dir=tmp_path / "b", checkpoint_every=2, log_every=1)
     learner, sampler, opt, sched = make(clusters)
@@ -65,15 +73,7 @@ def test_killed_run_resumes_to_identical_curve(clusters, tmp_path):
 
 def test_nan_loss_stops_naming_step_and_keeps_good_checkpoint(clusters, tmp_path):
     learner, sampler, opt, _ = make(clusters, lr_decay=False)
-    real_loss = learner.loss
-    calls = {"n": 0}
-
-    def poisoned(batch):
-        calls["n"] += 1
-        loss = real_loss(batch)
-        return loss * float("nan") if calls["n"] == 6 else loss
-
-    learner.loss = poisoned
+    on_call(learner, 6, lambda loss: loss * float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 6; the last good checkpoint is .*step-00000004"):
         fit(learner, sampler, opt, 10, 1, run_dir=tmp_path, checkpoint_every=2)
     good = metaxfer.load(tmp_path)
@@ -83,15 +83,7 @@ def test_nan_loss_stops_naming_step_and_keeps_good_checkpoint(clusters, tmp_path
 
 def test_nan_loss_can_be_skipped(clusters):
     learner, sampler, opt, _ = make(clusters, lr_decay=False)
-    real_loss = learner.loss
-    calls = {"n": 0}
-
-    def poisoned(batch):
-        calls["n"] += 1
-        loss = real_loss(batch)
-        return loss + float("inf") if calls["n"] == 3 else loss
-
-    learner.loss = poisoned
+    on_call(learner, 3, lambda loss: loss + float("inf"))
     with pytest.warns(RuntimeWarning, match="non-finite loss inf at step 3"):
         result = fit(learner, sampler, opt, 5, 1, on_nonfinite="skip")
     assert result.skipped_steps == [3]

@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from metaxfer.config import load_config
     from metaxfer.evaluate import evaluate
     from metaxfer.hub import load
-    from metaxfer.runtime import tune_allocator
+    from metaxfer.runtime import freeze_gc, tune_allocator
     from metaxfer.tasks import EpisodeSampler
     from metaxfer.train import fit
 
@@ -49,6 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     scheduler = build_scheduler(optimizer, t)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "run_config.json", cfg.to_dict())
+    freeze_gc()  # the model, data and optimiser live for the whole run: keep them out of GC passes
     command = "metaxfer train --config " + args.config + "".join(f" {o}" for o in args.overrides)
     extra = {"run_config": cfg.to_dict(), "command": command,
              "data": train_set.describe() if hasattr(train_set, "describe") else None}

@@ -1,0 +1,224 @@
+"""Speed and memory of one second-order MAML meta-iteration: metaxfer (vmap, loop) vs learn2learn 0.2.0.
+
+Meta-iteration: 32 tasks of 5-way 1-shot with 15 queries per class
+(1x28x28 inputs), Conv4-64 with a linear head, 1 inner step of lr 0.4,
+second order, then one Adam step on the meta-gradient.
+
+* metaxfer: ``MAML(Conv4(num_classes=5, norm="batchnorm_split"), 0.4, 1,
+  vectorize=True)`` (tasks vectorised with ``torch.func.vmap``) and
+  ``vectorize=False`` (a loop over tasks); one ``loss(batch).backward()``.
+* learn2learn: ``l2l.algorithms.MAML(model, lr=0.4, first_order=False)``
+  used as in its ``examples/vision/maml_omniglot.py``: per task
+  ``clone()``, ``adapt()``, query loss ``backward()``, then gradients scaled
+  by 1/32. ``model`` is the same architecture (stock modules, affine
+  BatchNorm) from the same initial weights.
+
+Timings alternate in one process; peak memory (VmHWM) is measured for each
+variant alone in its own subprocess. Everything runs after
+``metaxfer.runtime.tune_allocator()``.
+
+Note the BatchNorm policies differ (metaxfer normalises queries with the
+support statistics, non-transductive; learn2learn's usual loop uses query
+batch statistics), so first losses differ; the work per task is comparable
+(metaxfer's query pass runs on support + query rows, 80 instead of 75).
+
+Run (after ``bash benchmarks/setup_peers.sh``):
+
+    .venv-bench/bin/python benchmarks/speed_maml.py --rounds 10
+    .venv-bench/bin/python benchmarks/speed_maml.py --rounds 10 --ablation --out bench-out/maml.json
+
+Prints a table, then the JSON record as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+# Before `import torch`: libgomp reads this once, when torch loads it. With the default (ACTIVE)
+# policy, idle OpenMP threads spin, and on a machine whose cores are shared with other work a
+# 2-thread step slowed down 3-6x here; PASSIVE cost ~3% on an idle machine. All variants share
+# the process, so the comparison is fair either way; set OMP_WAIT_POLICY=ACTIVE to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import _common as C  # noqa: E402
+import metaxfer.runtime  # noqa: E402
+from metaxfer.backbones import Conv4  # noqa: E402
+from metaxfer.tasks import Episode  # noqa: E402
+
+VARIANTS = ("metaxfer-vmap", "metaxfer-loop", "learn2learn", "metaxfer-vmap+plain-conv4", "metaxfer-loop+plain-conv4")
+
+
+def make_batch(tasks: int, ways: int, shots: int, queries: int, seed: int) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+    return Episode(
+        torch.rand(tasks, ways * shots, 1, 28, 28, generator=g),
+        torch.arange(ways).repeat_interleave(shots).repeat(tasks, 1),
+        torch.rand(tasks, ways * queries, 1, 28, 28, generator=g),
+        torch.arange(ways).repeat_interleave(queries).repeat(tasks, 1),
+    )
+
+
+def build(variant: str, batch: Episode, args: argparse.Namespace) -> Callable[[], float]:
+    """A meta-iteration of ``variant`` (zero grads, meta-loss, backward, Adam step) from the same initial weights."""
+    torch.manual_seed(args.seed)
+    reference = Conv4(num_classes=args.ways, norm="batchnorm_split")
+
+    if variant.startswith("metaxfer"):
+        from metaxfer.learners.gradient import MAML
+
+        if variant.endswith("+plain-conv4"):
+            model: torch.nn.Module = C.PlainConv4(num_classes=args.ways, norm="batchnorm_split")
+            model.load_state_dict(reference.state_dict())
+        else:
+            model = reference
+        learner = MAML(model, inner_lr=args.inner_lr, inner_steps=args.inner_steps, first_order=False,
+                       vectorize=variant.startswith("metaxfer-vmap"))
+        opt = torch.optim.Adam(learner.parameters(), args.lr)
+
+        def step() -> float:
+            opt.zero_grad(set_to_none=True)
+            loss = learner.loss(batch)
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        return step
+
+    if variant == "learn2learn":
+        import learn2learn as l2l
+
+        model = C.PlainConv4(num_classes=args.ways, norm="batchnorm")
+        model.load_state_dict(C.split_to_affine_state(reference.state_dict()))
+        maml = l2l.algorithms.MAML(model, lr=args.inner_lr, first_order=False)
+        opt = torch.optim.Adam(maml.parameters(), args.lr)
+        sx, sy, qx, qy = batch
+        tasks = batch.num_tasks
+
+        def step() -> float:
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for t in range(tasks):
+                learner = maml.clone()
+                for _ in range(args.inner_steps):
+                    learner.adapt(F.cross_entropy(learner(sx[t]), sy[t]))
+                loss = F.cross_entropy(learner(qx[t]), qy[t])
+                loss.backward()
+                total += loss.item()
+            for p in maml.parameters():
+                p.grad.mul_(1.0 / tasks)
+            opt.step()
+            return total / tasks
+
+        return step
+
+    raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
+
+
+def child_memory(args: argparse.Namespace) -> None:
+    """One variant alone in this process: peak RSS of setup + a few meta-iterations (one JSON line)."""
+    metaxfer.runtime.tune_allocator()
+    C.set_threads(args.threads)
+    batch = make_batch(args.tasks, args.ways, args.shots, args.queries, args.seed)
+    step = build(args.child_memory, batch, args)
+    setup = C.rss_mb()
+    for _ in range(args.memory_steps):
+        step()
+    peak = C.peak_rss_mb()
+    print(json.dumps({"variant": args.child_memory, "rss_after_setup_mb": round(setup, 1), "peak_rss_mb": round(peak, 1),
+                      "peak_minus_setup_mb": round(peak - setup, 1), "steps": args.memory_steps}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10, help="timed meta-iterations per variant (alternating)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed meta-iterations per variant first")
+    parser.add_argument("--tasks", type=int, default=32)
+    parser.add_argument("--ways", type=int, default=5)
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--queries", type=int, default=15, help="query examples per class")
+    parser.add_argument("--inner-lr", type=float, default=0.4)
+    parser.add_argument("--inner-steps", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--variants", default="metaxfer-vmap,metaxfer-loop,learn2learn", help=f"comma-separated, from {VARIANTS}")
+    parser.add_argument("--ablation", action="store_true", help="also time metaxfer's MAML on the plain (paper-order, NCHW) Conv4")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
+    parser.add_argument("--memory-steps", type=int, default=3, help="meta-iterations in each memory subprocess")
+    parser.add_argument("--out", default=None, help="also write the JSON record to this file")
+    parser.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_memory:
+        return child_memory(args)
+
+    variants = [v for v in args.variants.split(",") if v]
+    if args.ablation:
+        variants += [v for v in ("metaxfer-vmap+plain-conv4", "metaxfer-loop+plain-conv4") if v not in variants]
+    metaxfer.runtime.tune_allocator()  # for every variant alike: they share this process
+    C.set_threads(args.threads)
+    env = C.environment(["metaxfer", "learn2learn", "torchvision", "numpy"])
+    batch = make_batch(args.tasks, args.ways, args.shots, args.queries, args.seed)
+    steps = {v: build(v, batch, args) for v in variants}
+    first_loss = {v: steps[v]() for v in variants}  # also the first warm-up iteration
+    times = C.alternate(steps, rounds=args.rounds, warmup=max(args.warmup - 1, 0))
+
+    base_name = variants[0]
+    results: dict[str, Any] = {}
+    for v in variants:
+        results[v] = {
+            "seconds": C.summary(times[v]),
+            "first_meta_loss": first_loss[v],
+            f"ratio_to_{base_name}": C.summary(times[v])["median"] / C.summary(times[base_name])["median"],
+            f"paired_ratio_to_{base_name}": C.paired_ratio(times[v], times[base_name]),
+        }
+    if not args.no_memory:
+        extra = ["--tasks", str(args.tasks), "--ways", str(args.ways), "--shots", str(args.shots), "--queries", str(args.queries),
+                 "--inner-lr", str(args.inner_lr), "--inner-steps", str(args.inner_steps), "--seed", str(args.seed),
+                 "--memory-steps", str(args.memory_steps)] + (["--threads", str(args.threads)] if args.threads else [])
+        for v in variants:
+            results[v]["memory"] = C.measure_in_subprocess(Path(__file__), v, extra)
+
+    record = {
+        "benchmark": "maml_meta_iteration",
+        "task": {"tasks": args.tasks, "ways": args.ways, "shots": args.shots, "queries_per_class": args.queries,
+                 "image": [1, 28, 28], "model": "Conv4-64 + linear head", "inner_lr": args.inner_lr,
+                 "inner_steps": args.inner_steps, "order": "second", "optimizer": f"Adam(lr={args.lr})",
+                 "rounds": args.rounds, "warmup": args.warmup, "seed": args.seed},
+        "results": results,
+        "environment": env,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    rows = []
+    for v in variants:
+        r = results[v]
+        mem = r.get("memory", {})
+        rows.append([
+            v,
+            f"{r['seconds']['median']:.3f}",
+            f"{r['seconds']['p25']:.3f}-{r['seconds']['p75']:.3f}",
+            f"{r[f'ratio_to_{base_name}']:.2f}x",
+            f"{r[f'paired_ratio_to_{base_name}']:.2f}x",
+            f"{mem['peak_rss_mb']:.0f}" if "peak_rss_mb" in mem else mem.get("error", "-"),
+            f"{mem['peak_minus_setup_mb']:.0f}" if "peak_minus_setup_mb" in mem else "-",
+        ])
+    human = (
+        f"MAML meta-iteration: {args.tasks} tasks x {args.ways}-way {args.shots}-shot {args.queries} queries/class, Conv4-64, "
+        f"{args.inner_steps} inner step lr {args.inner_lr}, second order, Adam; {args.rounds} alternating rounds; "
+        f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_model']}, load {env['loadavg_start'][0]:.1f}\n\n"
+        + C.table(rows, ["variant", "median s", "IQR s", f"vs {base_name}", "paired", "peak RSS MB", "peak - setup MB"])
+    )
+    C.emit(record, human, args.out)
+
+
+if __name__ == "__main__":
+    main()
