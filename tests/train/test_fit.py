@@ -35,6 +35,8 @@ def test_resume_gives_identical_losses(clusters, tmp_path):
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**4)
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 13))
+    seconds = [json.loads(x)["seconds"] for x in lines]
+    assert seconds == sorted(seconds)  # training time adds up across the resume
 
 
 class Crash(Exception):

@@ -122,7 +122,7 @@ def fit(
     learner.to(device)
     run_path = Path(run_dir) if run_dir is not None else None
     ckpts = Checkpoints(run_path) if run_path is not None else None
-    start, best_acc, best_step = 0, -math.inf, None
+    start, best_acc, best_step, elapsed_before = 0, -math.inf, None, 0.0
     best_val: EvalResult | None = None
     if ckpts is not None and not resume and ckpts.root.exists():
         # A fresh start must not leave pointers to the old run's checkpoints behind.
@@ -141,6 +141,7 @@ def fit(
             start = int(state["step"])
             best_acc = state["best_acc"] if state["best_acc"] is not None else -math.inf
             best_step = state["best_step"]
+            elapsed_before = float(state.get("seconds", 0.0))
             logger.info("resumed from %s at step %d", directory, start)
     if run_path is not None:
         run_path.mkdir(parents=True, exist_ok=True)
@@ -157,6 +158,7 @@ def fit(
             "rng": _rng_state(),
             "best_acc": None if best_acc == -math.inf else best_acc,
             "best_step": best_step,
+            "seconds": elapsed(),
         }
         directory = ckpts.root / Checkpoints.name(step)
 
@@ -169,6 +171,10 @@ def fit(
         if is_best:
             ckpts.point("best", directory)
         ckpts.prune()
+
+    def elapsed() -> float:
+        # Training time summed over resumed segments, so time-to-accuracy survives restarts.
+        return round(elapsed_before + time.perf_counter() - t0, 3)
 
     show = progress if progress is not None else sys.stderr.isatty()
     from tqdm.auto import tqdm
@@ -203,13 +209,13 @@ def fit(
             if step % log_every == 0 or step == steps:
                 metrics = getattr(learner, "last_metrics", {}) or {}
                 record = {"step": step, "loss": loss.item(), "accuracy": metrics.get("accuracy"),
-                          "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)}
+                          "lr": optimizer.param_groups[0]["lr"], "seconds": elapsed()}
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             is_best = False
             if val_episodes is not None and (step % val_every == 0 or step == steps):
                 result = evaluate(learner, val_episodes, device=device)
                 record = record or {"step": step, "loss": None, "accuracy": None,
-                                    "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)}
+                                    "lr": optimizer.param_groups[0]["lr"], "seconds": elapsed()}
                 record.update(val_accuracy=result.mean, val_ci95=result.ci95)
                 logger.info("step %d: validation %s", step, result.line())
                 if result.mean > best_acc:
