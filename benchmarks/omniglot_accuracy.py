@@ -16,9 +16,9 @@ import argparse
 import datetime as dt
 import json
 import platform
-import subprocess
 from pathlib import Path
 
+import _common as C
 import torch
 
 from metaxfer.build import build_dataset
@@ -30,24 +30,14 @@ from metaxfer.tasks import EpisodeSampler
 
 
 def machine() -> str:
-    """CPU model, cores and torch threads of this machine."""
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} torch threads, {platform.system()} {platform.machine()}"
+    """CPU model, torch threads and platform of this machine."""
+    return f"{C.cpu_model()}, {torch.get_num_threads()} torch threads, {platform.system()} {platform.machine()}"
 
 
 def commit() -> str:
-    """Current git commit (with -dirty when the tree has changes)."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """Current git commit, with -dirty when tracked files have changes."""
+    info = C.git_commit()
+    return f"{info['commit'][:7]}{'-dirty' if info['dirty'] else ''}"
 
 
 def time_to(records: list[dict], target: float) -> dict | None:

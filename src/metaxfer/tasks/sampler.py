@@ -142,8 +142,9 @@ class EpisodeSampler:
         ways = indices.shape[-2]
         s, q = self.shots, self.queries
         x_shape = x.shape[indices.dim():]
-        support_x = x[..., :s, *([slice(None)] * len(x_shape))].reshape(*lead, ways * s, *x_shape)
-        query_x = x[..., s:, *([slice(None)] * len(x_shape))].reshape(*lead, ways * q, *x_shape)
+        per_class = indices.dim() - 1  # the shots + queries dimension of x
+        support_x = x.narrow(per_class, 0, s).reshape(*lead, ways * s, *x_shape)
+        query_x = x.narrow(per_class, s, q).reshape(*lead, ways * q, *x_shape)
         labels = torch.arange(ways)
         support_y = labels.repeat_interleave(s).expand(*lead, ways * s).contiguous()
         query_y = labels.repeat_interleave(q).expand(*lead, ways * q).contiguous()
