@@ -104,13 +104,16 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
         )
     kwargs = {}
     for name, value in data.items():
-        sub = fields[name].type
-        nested = {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "TrainConfig": TrainConfig, "EvalConfig": EvalConfig}
-        if isinstance(sub, str) and sub in nested:
-            kwargs[name] = _from_dict(nested[sub], value or {}, f"{where}.{name}" if where else name)
+        section = _SECTIONS.get(fields[name].type)  # annotations are strings (postponed evaluation)
+        if section is not None:
+            kwargs[name] = _from_dict(section, value or {}, f"{where}.{name}" if where else name)
         else:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+_SECTIONS: dict[Any, type] = {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "TrainConfig": TrainConfig,
+                              "EvalConfig": EvalConfig}
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:

@@ -13,10 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fake_omniglot import BACKGROUND, EVALUATION, SPLITS, write_omniglot_zip
 
 from metaxfer.data import omniglot as omniglot_module
-
-from fake_omniglot import BACKGROUND, EVALUATION, SPLITS, write_omniglot_zip
 
 
 @pytest.fixture(autouse=True)

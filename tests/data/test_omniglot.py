@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_omniglot import BACKGROUND, EVALUATION, SPLITS, write_omniglot_zip
 from PIL import Image
 
-from metaxfer.data import Omniglot, omniglot as omniglot_module
+from metaxfer.data import Omniglot
+from metaxfer.data import omniglot as omniglot_module
 from metaxfer.errors import ConfigError, DataError
 from metaxfer.tasks import EpisodeSampler
-
-from fake_omniglot import BACKGROUND, EVALUATION, SPLITS, write_omniglot_zip
 
 
 def _member_image(root: Path, zip_name: str, member: str) -> Image.Image:

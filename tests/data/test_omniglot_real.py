@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from metaxfer.data import Omniglot, omniglot as omniglot_module
+from metaxfer.data import Omniglot
+from metaxfer.data import omniglot as omniglot_module
 
 REPO = Path(__file__).resolve().parents[2]
 

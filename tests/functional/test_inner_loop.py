@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metaxfer.functional import inner_loop, sgd_step, support_batch_norm, without_running_stats
+from metaxfer.functional import (
+    inner_loop,
+    sgd_step,
+    support_batch_norm,
+    without_running_stats,
+)
 
 D = 3  # input dimension of the linear-regression tasks
 

@@ -1,6 +1,11 @@
 """Backbones and their registry."""
 
 from metaxfer.backbones.conv4 import ChannelAffine, Conv4
-from metaxfer.backbones.registry import BACKBONES, create, list_backbones, register_backbone
+from metaxfer.backbones.registry import (
+    BACKBONES,
+    create,
+    list_backbones,
+    register_backbone,
+)
 
 __all__ = ["BACKBONES", "ChannelAffine", "Conv4", "create", "list_backbones", "register_backbone"]

@@ -24,7 +24,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from metaxfer.atomic import atomic_write_json
-    from metaxfer.build import build_dataset, build_learner, build_optimizer, build_scheduler
+    from metaxfer.build import (
+        build_dataset,
+        build_learner,
+        build_optimizer,
+        build_scheduler,
+    )
     from metaxfer.config import load_config
     from metaxfer.evaluate import evaluate
     from metaxfer.hub import load
@@ -73,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint or zoo model on fixed test episodes of the data it was trained on."""
     from metaxfer.build import build_dataset
-    from metaxfer.config import DataConfig, config_from_dict
+    from metaxfer.config import RunConfig, config_from_dict
     from metaxfer.evaluate import evaluate
     from metaxfer.hub import load
     from metaxfer.runtime import tune_allocator
@@ -82,13 +87,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tune_allocator()
     learner = load(args.checkpoint, device=args.device)
     run_cfg = learner.card.get("run_config")
-    data_cfg = config_from_dict(run_cfg).data if run_cfg else DataConfig()
+    # The data and episode sizes the model was trained and tested with, unless overridden.
+    cfg = config_from_dict(run_cfg) if run_cfg else RunConfig()
+    data_cfg = cfg.data
     if args.data_root:
         data_cfg.root = args.data_root
     split = args.split or data_cfg.test_split
-    eval_defaults = config_from_dict(run_cfg).eval if run_cfg else None
-    ways = args.ways or (eval_defaults.ways if eval_defaults else 5)
-    shots = args.shots or (eval_defaults.shots if eval_defaults else 1)
+    ways = args.ways or cfg.eval.ways
+    shots = args.shots or cfg.eval.shots
     dataset = build_dataset(data_cfg, split)
     episodes = EpisodeSampler(dataset, ways, shots, args.queries, seed=args.seed).fixed_episodes(args.episodes, seed=args.seed)
     res = evaluate(learner, episodes, protocol=_protocol(data_cfg, split), device=args.device, progress=args.progress)

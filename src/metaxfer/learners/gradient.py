@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaxfer.errors import ConfigError
-from metaxfer.functional.inner_loop import LearningRate, Params, inner_loop, support_batch_norm, without_running_stats
+from metaxfer.functional.inner_loop import (
+    LearningRate,
+    Params,
+    inner_loop,
+    support_batch_norm,
+    without_running_stats,
+)
 from metaxfer.learners.base import Learner
 from metaxfer.learners.registry import register_learner
 from metaxfer.tasks.episode import Episode

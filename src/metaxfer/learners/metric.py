@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,7 +17,7 @@ from metaxfer.tasks.episode import Episode
 class PrototypePredictor:
     """Adapted ProtoNet for one task: logits are negative squared distances to the prototypes."""
 
-    def __init__(self, backbone: nn.Module, protos: Tensor) -> None:
+    def __init__(self, backbone: Callable[[Tensor], Tensor], protos: Tensor) -> None:
         self.backbone = backbone
         self.prototypes = protos  # [ways, D], detached
 

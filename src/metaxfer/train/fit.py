@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from metaxfer.atomic import atomic_write_dir
 from metaxfer.errors import ConfigError, NonFiniteLossError
 from metaxfer.evaluate.evaluate import EvalResult, evaluate
 from metaxfer.hub import load_weights, write_learner
-from metaxfer.atomic import atomic_write_dir
 from metaxfer.learners.base import Learner
 from metaxfer.tasks.sampler import EpisodeSampler, EpisodeSet
 from metaxfer.train.checkpoints import Checkpoints
