@@ -32,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     from metaxfer.config import load_config
     from metaxfer.evaluate import evaluate
-    from metaxfer.hub import load
+    from metaxfer.hub import WEIGHTS_FILE, load, load_weights, resolve
     from metaxfer.runtime import freeze_gc, tune_allocator
     from metaxfer.tasks import EpisodeSampler
     from metaxfer.train import fit
@@ -50,12 +50,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_episodes = EpisodeSampler(val_set, e.ways, e.shots, e.queries, seed=e.seed).fixed_episodes(t.val_episodes, seed=e.seed + 1)
     preprocess = train_set.preprocess.to_dict() if hasattr(train_set, "preprocess") else None
     learner = build_learner(cfg.model, preprocess=preprocess)
+    if args.init:
+        # Warm start (e.g. a second phase at a lower learning rate): weights only, fresh optimiser.
+        # A resumable checkpoint of this run directory still takes precedence in fit().
+        load_weights(learner, resolve(args.init) / WEIGHTS_FILE)
     optimizer = build_optimizer(learner.parameters(), t)
     scheduler = build_scheduler(optimizer, t)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "run_config.json", cfg.to_dict())
     freeze_gc()  # the model, data and optimiser live for the whole run: keep them out of GC passes
-    command = "metaxfer train --config " + args.config + "".join(f" {o}" for o in args.overrides)
+    command = ("metaxfer train --config " + args.config + (f" --init {args.init}" if args.init else "")
+               + "".join(f" {o}" for o in args.overrides))
     extra = {"run_config": cfg.to_dict(), "command": command,
              "data": train_set.describe() if hasattr(train_set, "describe") else None}
     result = fit(learner, sampler, optimizer, t.steps, t.tasks_per_step, scheduler=scheduler,
@@ -138,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100 data.root=/data")
     p.add_argument("--run-dir", help="where checkpoints and metrics go (default: runs/<name>)")
     p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in the run directory")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from these weights (run or model directory, or zoo name); "
+                   "the optimiser starts fresh")
     p.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)")
     p.set_defaults(func=cmd_train)

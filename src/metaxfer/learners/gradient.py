@@ -299,7 +299,21 @@ class MAML(Learner):
         )
 
 
+LOSSES: dict[str, LossFn] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+
+
+def loss_by_name(name: str) -> LossFn:
+    """The loss function a config names: ``"cross_entropy"`` (classification) or ``"mse"`` (regression)."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ConfigError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
+
+
 @register_learner("maml")
-def maml(backbone: nn.Module, **kwargs: object) -> MAML:
-    """MAML around ``backbone``, a model mapping inputs to logits (see :class:`MAML` for ``kwargs``)."""
-    return MAML(backbone, **kwargs)  # type: ignore[arg-type]
+def maml(backbone: nn.Module, loss: str = "cross_entropy", **kwargs: object) -> MAML:
+    """MAML around ``backbone``, a model mapping inputs to logits (see :class:`MAML` for ``kwargs``).
+
+    ``loss`` names the inner and outer loss (``"cross_entropy"`` or ``"mse"``).
+    """
+    return MAML(backbone, loss_fn=loss_by_name(loss), **kwargs)  # type: ignore[arg-type]

@@ -187,16 +187,21 @@ def fit(
         for step in range(start + 1, steps + 1):
             learner.train()
             batch = sampler.sample_batch(tasks_per_step).to(device)
-            loss = learner.loss(batch)
+            detail = ""
+            try:
+                loss = learner.loss(batch)
+            except NonFiniteLossError as e:  # raised inside the learner, e.g. by an inner loop (names task and step)
+                loss, detail = torch.tensor(float("nan")), f" ({e})"
             optimizer.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
                 if on_nonfinite == "stop":
                     where = f"; the last good checkpoint is {ckpts.pointer('latest')}" if ckpts and ckpts.pointer("latest") else ""
                     raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step}{where}. Lower the learning rate or set "
+                        f"loss is {loss.item()} at step {step}{detail}{where}. Lower the learning rate or set "
                         "train.grad_clip, or pass on_nonfinite='skip' to drop such steps"
                     )
-                warnings.warn(f"non-finite loss {loss.item()} at step {step}; step skipped", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"non-finite loss {loss.item()} at step {step}{detail}; step skipped", RuntimeWarning,
+                              stacklevel=2)
                 skipped.append(step)
             else:
                 loss.backward()
