@@ -22,8 +22,8 @@ Two pieces:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,18 @@ Params = dict[str, Tensor]
 LearningRate = float | Tensor | Mapping[str, float | Tensor]
 SupportLoss = Callable[[Params, Tensor, Tensor], Tensor]
 
-__all__ = ["LearningRate", "Params", "SupportLoss", "inner_loop", "sgd_step", "support_batch_norm", "without_running_stats"]
+__all__ = [
+    "InnerLoopResult",
+    "LearningRate",
+    "Params",
+    "SupportLoss",
+    "UpdateRule",
+    "clip_grad_norm",
+    "inner_loop",
+    "sgd_step",
+    "support_batch_norm",
+    "without_running_stats",
+]
 
 
 def sgd_step(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: LearningRate) -> Params:
@@ -63,15 +74,61 @@ def sgd_step(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: Lear
     return {name: p - lr * grads[name] for name, p in params.items()}
 
 
+class UpdateRule(Protocol):
+    """A learned or hand-written inner update: ``(params, grads, loss, step, state) -> (params, state)``.
+
+    ``state`` is whatever the rule carries between steps (``None`` at step 0),
+    e.g. the hidden states of the LSTM meta-learner (Ravi & Larochelle 2017).
+    """
+
+    def __call__(self, params: Params, grads: Params, loss: Tensor, step: int, state: Any) -> tuple[Params, Any]: ...
+
+
+class InnerLoopResult(NamedTuple):
+    """What :func:`inner_loop` returns with ``return_losses=True``.
+
+    Attributes:
+        params: the adapted parameters ``theta'``.
+        losses: ``[steps]`` support loss *before* each step (detached), used
+            to name the task and step at which a loss became non-finite.
+    """
+
+    params: Params
+    losses: Tensor
+
+
+def clip_grad_norm(grads: Mapping[str, Tensor], max_norm: float) -> Params:
+    """Scale a gradient dict so that its global L2 norm is at most ``max_norm``.
+
+    Written without data-dependent control flow (a ``clamp`` on the scale),
+    so it works per task under ``vmap`` and is differentiable for
+    second-order meta-gradients.
+
+    Args:
+        grads: name -> gradient tensor.
+        max_norm: largest allowed global norm (> 0).
+
+    Returns:
+        A new dict ``g * min(1, max_norm / (||g|| + 1e-6))``.
+    """
+    norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return {name: g * scale for name, g in grads.items()}
+
+
 def inner_loop(
     support_loss: SupportLoss,
     params: Mapping[str, Tensor],
     support_x: Tensor,
     support_y: Tensor,
-    lr: LearningRate,
+    lr: LearningRate | Sequence[LearningRate] | None,
     steps: int,
     first_order: bool = False,
-) -> Params:
+    *,
+    grad_clip: float | None = None,
+    update: UpdateRule | None = None,
+    return_losses: bool = False,
+) -> Params | InnerLoopResult:
     """Adapt ``params`` to one task by ``steps`` gradient steps on its support loss.
 
     Implements the inner update of MAML (Finn, Abbeel & Levine 2017, eq. 1),
@@ -85,6 +142,13 @@ def inner_loop(
     paper's first-order approximation, FOMAML); ``theta'`` then still depends
     on ``theta`` through the identity path.
 
+    Every gradient-based learner of the library runs this one loop: MAML,
+    FOMAML and ANIL with a scalar ``lr``, MAML++-style learned rates with a
+    list of per-step rates (Antoniou et al. 2019), Meta-SGD with a dict of
+    per-parameter rates (Li et al. 2017), Reptile with ``first_order`` steps
+    (Nichol et al. 2018), and the LSTM meta-learner through ``update``
+    (Ravi & Larochelle 2017).
+
     Args:
         support_loss: ``(params, x, y) -> scalar`` loss of the model with
             ``params`` on ``(x, y)``; pure (typically
@@ -94,12 +158,24 @@ def inner_loop(
             ``support_loss``, which is how ANIL adapts only the head).
         support_x: ``[S, *x_shape]`` support inputs of one task.
         support_y: ``[S]`` (or ``[S, *y_shape]``) support targets.
-        lr: inner learning rate, see :func:`sgd_step`.
+        lr: inner learning rate, see :func:`sgd_step`; a list or tuple gives
+            one rate per step (its length must be ``steps``). Ignored (may be
+            ``None``) when ``update`` is given.
         steps: number of gradient steps (``0`` returns ``params`` unchanged).
         first_order: detach the inner gradients (first-order MAML).
+        grad_clip: clip each step's gradient to this global L2 norm
+            (:func:`clip_grad_norm`); ``None`` does not clip.
+        update: replaces the SGD step by ``update(params, grads, loss, step,
+            state) -> (params, state)`` (a learned optimiser).
+        return_losses: also return the support loss before each step.
 
     Returns:
-        The adapted parameters ``theta'`` as a new dict with the keys of ``params``.
+        The adapted parameters ``theta'`` as a new dict with the keys of
+        ``params``; with ``return_losses`` an :class:`InnerLoopResult`.
+
+    Raises:
+        ValueError: for ``steps < 0``, a per-step ``lr`` list of the wrong
+            length, ``grad_clip <= 0``, or neither ``lr`` nor ``update``.
 
     Example:
         >>> model = torch.nn.Linear(4, 3)
@@ -112,16 +188,35 @@ def inner_loop(
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    grad_fn = torch.func.grad(support_loss)
+    if grad_clip is not None and grad_clip <= 0:
+        raise ValueError(f"grad_clip must be a positive norm or None, got {grad_clip}")
+    if update is None and lr is None:
+        raise ValueError("give an inner learning rate (lr) or an update rule")
+    per_step = isinstance(lr, (list, tuple))
+    if per_step and len(lr) < steps:  # type: ignore[arg-type]
+        raise ValueError(f"{len(lr)} per-step learning rates for {steps} steps; give one per step")  # type: ignore[arg-type]
+    grad_fn = torch.func.grad_and_value(support_loss)
     adapted: Params = dict(params)
-    for _ in range(steps):
-        grads = grad_fn(adapted, support_x, support_y)
+    losses: list[Tensor] = []
+    state: Any = None
+    for step in range(steps):
+        grads, loss = grad_fn(adapted, support_x, support_y)
+        losses.append(loss.detach())
         if first_order:
             # Detaching at the outer level keeps the step's value but drops its
             # dependence on theta: the meta-gradient sees d theta'/d theta = I.
             grads = {name: g.detach() for name, g in grads.items()}
-        adapted = sgd_step(adapted, grads, lr)
-    return adapted
+        if grad_clip is not None:
+            grads = clip_grad_norm(grads, grad_clip)
+        if update is not None:
+            adapted, state = update(adapted, grads, loss, step, state)
+        else:
+            adapted = sgd_step(adapted, grads, lr[step] if per_step else lr)  # type: ignore[index,arg-type]
+    if not return_losses:
+        return adapted
+    anchor = next(iter(params.values()))
+    stacked = torch.stack(losses) if losses else anchor.new_zeros(0)
+    return InnerLoopResult(adapted, stacked)
 
 
 # --- BatchNorm with support statistics ---------------------------------------------------------
