@@ -60,6 +60,32 @@ def build_dataset(data: DataConfig, split: str) -> Any:
     return create_dataset(data.dataset, split=split, **kwargs)
 
 
+def build_sampler(data: DataConfig, split: str, ways: int | None, shots: int, queries: int, seed: int) -> Any:
+    """An episode sampler over the split named by ``data``.
+
+    A class dataset (Omniglot, clusters) is wrapped in an
+    :class:`~metaxfer.tasks.sampler.EpisodeSampler`; a task distribution that
+    samples its own episodes (it has ``episode_sampler(ways, shots, queries,
+    seed)``, e.g. the ``"sinusoid"`` regression tasks) builds its own sampler.
+    Either way the result has ``sample_batch``, ``state_dict``/``load_state_dict``,
+    ``fixed_episodes`` and ``dataset`` (what :func:`metaxfer.fit` and
+    :func:`metaxfer.evaluate` use).
+
+    Raises:
+        EpisodeError: for sizes the dataset cannot provide.
+
+    Example:
+        >>> sampler = build_sampler(DataConfig(dataset="sinusoid"), "train", ways=1, shots=5, queries=10, seed=0)
+    """
+    from metaxfer.tasks.sampler import EpisodeSampler
+
+    dataset = build_dataset(data, split)
+    make = getattr(dataset, "episode_sampler", None)
+    if callable(make):
+        return make(ways=ways, shots=shots, queries=queries, seed=seed)
+    return EpisodeSampler(dataset, ways, shots, queries, seed=seed)  # type: ignore[arg-type]
+
+
 def build_optimizer(params: Any, train: TrainConfig) -> torch.optim.Optimizer:
     """Adam or SGD (momentum 0.9) over ``params``."""
     if train.optimizer == "adam":

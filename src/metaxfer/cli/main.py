@@ -25,16 +25,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from metaxfer.atomic import atomic_write_json
     from metaxfer.build import (
-        build_dataset,
         build_learner,
         build_optimizer,
+        build_sampler,
         build_scheduler,
     )
     from metaxfer.config import load_config
     from metaxfer.evaluate import evaluate
     from metaxfer.hub import WEIGHTS_FILE, load, load_weights, resolve
     from metaxfer.runtime import freeze_gc, tune_allocator
-    from metaxfer.tasks import EpisodeSampler
     from metaxfer.train import fit
 
     tune_allocator()
@@ -42,12 +41,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or cfg.run_dir or Path("runs") / cfg.name)
     t, e = cfg.train, cfg.eval
     torch.manual_seed(t.seed)
-    train_set = build_dataset(cfg.data, cfg.data.train_split)
-    sampler = EpisodeSampler(train_set, t.ways, t.shots, t.queries, seed=t.seed)
+    # A class dataset is wrapped in an EpisodeSampler; a task distribution (sinusoid) samples its own episodes.
+    sampler = build_sampler(cfg.data, cfg.data.train_split, t.ways, t.shots, t.queries, t.seed)
+    train_set = sampler.dataset
     val_episodes = None
     if cfg.data.val_split and t.val_episodes > 0:
-        val_set = build_dataset(cfg.data, cfg.data.val_split)
-        val_episodes = EpisodeSampler(val_set, e.ways, e.shots, e.queries, seed=e.seed).fixed_episodes(t.val_episodes, seed=e.seed + 1)
+        val_sampler = build_sampler(cfg.data, cfg.data.val_split, e.ways, e.shots, e.queries, e.seed)
+        val_episodes = val_sampler.fixed_episodes(t.val_episodes, seed=e.seed + 1)
     preprocess = train_set.preprocess.to_dict() if hasattr(train_set, "preprocess") else None
     learner = build_learner(cfg.model, preprocess=preprocess)
     if args.init:
@@ -71,8 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_test or not cfg.data.test_split:
         return 0
     best = load(run_dir, device=cfg.device)
-    test_set = build_dataset(cfg.data, cfg.data.test_split)
-    episodes = EpisodeSampler(test_set, e.ways, e.shots, e.queries, seed=e.seed).fixed_episodes(e.episodes, seed=e.seed)
+    test_sampler = build_sampler(cfg.data, cfg.data.test_split, e.ways, e.shots, e.queries, e.seed)
+    episodes = test_sampler.fixed_episodes(e.episodes, seed=e.seed)
     res = evaluate(best, episodes, protocol=_protocol(cfg.data, cfg.data.test_split))
     atomic_write_json(run_dir / "test_result.json", {**res.to_dict(), "checkpoint": str(best.card.get("trained_steps")),
                                                      "command": command})
@@ -82,12 +82,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint or zoo model on fixed test episodes of the data it was trained on."""
-    from metaxfer.build import build_dataset
+    from metaxfer.build import build_sampler
     from metaxfer.config import RunConfig, config_from_dict
     from metaxfer.evaluate import evaluate
     from metaxfer.hub import load
     from metaxfer.runtime import tune_allocator
-    from metaxfer.tasks import EpisodeSampler
 
     tune_allocator()
     learner = load(args.checkpoint, device=args.device)
@@ -100,8 +99,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     split = args.split or data_cfg.test_split
     ways = args.ways or cfg.eval.ways
     shots = args.shots or cfg.eval.shots
-    dataset = build_dataset(data_cfg, split)
-    episodes = EpisodeSampler(dataset, ways, shots, args.queries, seed=args.seed).fixed_episodes(args.episodes, seed=args.seed)
+    sampler = build_sampler(data_cfg, split, ways, shots, args.queries, args.seed)
+    episodes = sampler.fixed_episodes(args.episodes, seed=args.seed)
     res = evaluate(learner, episodes, protocol=_protocol(data_cfg, split), device=args.device, progress=args.progress)
     if args.json:
         print(json.dumps({**res.to_dict(), "checkpoint": str(args.checkpoint)}, indent=2))

@@ -43,3 +43,14 @@ def _clusters(split: str = "train", **kwargs: Any) -> Any:
     from metaxfer.data.synthetic import ClusterImages
 
     return ClusterImages(split=split, **kwargs)
+
+
+@register_dataset("sinusoid")
+def _sinusoid(split: str = "train", **kwargs: Any) -> Any:
+    """Sinusoid regression tasks (Finn et al. 2017, section 5.1): a task distribution that samples its own
+    episodes (``episode_sampler``), so :func:`metaxfer.build.build_sampler` uses it instead of an EpisodeSampler.
+    ``kwargs``: ``amplitude``, ``phase``, ``x_range`` (each ``[low, high]``)."""
+    from metaxfer.tasks.sinusoid import SinusoidTasks
+
+    kwargs.pop("root", None)  # generated on the fly: no data folder
+    return SinusoidTasks(split=split, **kwargs)

@@ -1,5 +1,11 @@
 """Fixed-episode evaluation with 95% confidence intervals."""
 
-from metaxfer.evaluate.evaluate import EvalResult, episode_accuracy, evaluate, mean_ci95
+from metaxfer.evaluate.evaluate import (
+    EvalResult,
+    episode_accuracy,
+    episode_mse,
+    evaluate,
+    mean_ci95,
+)
 
-__all__ = ["EvalResult", "episode_accuracy", "evaluate", "mean_ci95"]
+__all__ = ["EvalResult", "episode_accuracy", "episode_mse", "evaluate", "mean_ci95"]

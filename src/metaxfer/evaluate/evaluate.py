@@ -1,4 +1,4 @@
-"""Honest evaluation: mean accuracy ± 95% confidence interval over fixed episodes."""
+"""Honest evaluation: mean accuracy (classification) or mean squared error (regression) ± 95% CI over fixed episodes."""
 
 from __future__ import annotations
 
@@ -12,20 +12,29 @@ import torch
 from metaxfer.learners.base import Learner
 from metaxfer.tasks.episode import Episode
 
+METRICS = ("accuracy", "mse")
+
 
 @dataclass
 class EvalResult:
-    """Per-episode accuracies and their summary.
+    """Per-episode scores and their summary.
 
-    ``ci95`` is the half-width ``1.96 * s / sqrt(n)`` with ``s`` the sample
-    standard deviation (ddof=1) of per-episode accuracies; all in percent.
+    ``metric`` says what was measured: ``"accuracy"`` (classification, in
+    percent, higher is better) or ``"mse"`` (regression with floating-point
+    targets: each episode's mean squared error over its query points, lower is
+    better). ``ci95`` is the half-width ``1.96 * s / sqrt(n)`` with ``s`` the
+    sample standard deviation (ddof=1) of the per-episode scores.
+
+    For regression ``ways`` is ``None``, ``shots`` is the number of support
+    points ``K`` and ``adapt_steps`` the learner's test-time gradient steps
+    (when it has them).
     """
 
     mean: float
     ci95: float
     std: float
     n: int
-    ways: int
+    ways: int | None
     shots: int
     queries: int
     transductive: bool
@@ -33,11 +42,30 @@ class EvalResult:
     fingerprint: str | None = None
     protocol: str | None = None
     accuracies: list[float] = field(default_factory=list, repr=False)
+    metric: str = "accuracy"
+    adapt_steps: int | None = None
+    mses: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def higher_is_better(self) -> bool:
+        """True for accuracy, False for mean squared error (what picks the best checkpoint)."""
+        return self.metric != "mse"
+
+    def score(self) -> float:
+        """A number that is larger for a better result: the accuracy, or minus the MSE."""
+        return self.mean if self.higher_is_better else -self.mean
 
     def line(self) -> str:
-        """The one-line report, e.g. ``accuracy: 98.80 ± 0.18 % (95% CI, 600 episodes, omniglot vinyals test, 5-way 1-shot)``."""
+        """The one-line report.
+
+        E.g. ``accuracy: 98.80 ± 0.18 % (95% CI, 600 episodes, omniglot vinyals test, 5-way 1-shot)`` or
+        ``mse: 0.352 ± 0.031 (95% CI, 600 tasks, sinusoid test, K=5, 10 steps)``.
+        """
         where = f", {self.protocol}" if self.protocol else ""
         mode = ", transductive" if self.transductive else ""
+        if self.metric == "mse":
+            steps = "" if self.adapt_steps is None else f", {self.adapt_steps} step{'s' if self.adapt_steps != 1 else ''}"
+            return f"mse: {self.mean:.3f} ± {self.ci95:.3f} (95% CI, {self.n} tasks{where}, K={self.shots}{steps}{mode})"
         return (f"accuracy: {self.mean:.2f} ± {self.ci95:.2f} % (95% CI, {self.n} episodes{where}, "
                 f"{self.ways}-way {self.shots}-shot{mode})")
 
@@ -45,10 +73,11 @@ class EvalResult:
         return self.line()
 
     def to_dict(self, with_accuracies: bool = False) -> dict[str, Any]:
-        """JSON-ready record (per-episode accuracies only when asked)."""
+        """JSON-ready record (per-episode accuracies or MSEs only when asked)."""
         record = asdict(self)
         if not with_accuracies:
             record.pop("accuracies")
+            record.pop("mses")
         return record
 
 
@@ -70,6 +99,21 @@ def episode_accuracy(learner: Learner, episode: Episode) -> float:
     return (logits.argmax(-1) == episode.query_y).float().mean().item()
 
 
+def episode_mse(learner: Learner, episode: Episode) -> float:
+    """Mean squared error over the query points of ``learner`` adapted to one unbatched regression ``episode``.
+
+    ``episode.query_y`` is ``[Q, out]`` (floating point); the predictor must return the same shape.
+    """
+    predictor = learner.adapt(episode.support_x, episode.support_y)
+    with torch.no_grad():
+        pred = predictor(episode.query_x)
+    if pred.shape != episode.query_y.shape:
+        # A silent broadcast ([Q, 1] against [Q]) would average the wrong differences.
+        raise ValueError(f"predictions have shape {tuple(pred.shape)} but targets {tuple(episode.query_y.shape)}; "
+                         "give the model one output per target dimension")
+    return torch.mean((pred.float() - episode.query_y.float()) ** 2).item()
+
+
 def evaluate(
     learner: Learner,
     episodes: Iterable[Episode],
@@ -83,17 +127,26 @@ def evaluate(
     Each episode is adapted to independently with ``learner.adapt`` (which never
     mutates the learner), so the order of episodes does not matter.
 
+    Classification episodes (integer labels) are scored by query accuracy in
+    percent; regression episodes (floating-point targets, e.g. sinusoids,
+    Finn et al. 2017 section 5.1) by the mean squared error over the query
+    points, averaged over episodes (``result.metric`` says which).
+
     Args:
         learner: any :class:`~metaxfer.learners.base.Learner`.
         episodes: unbatched episodes, typically ``sampler.fixed_episodes(600, seed=0)``
-            (an :class:`~metaxfer.tasks.sampler.EpisodeSet`, whose seed and
+            (an :class:`~metaxfer.tasks.sampler.EpisodeSet` or
+            :class:`~metaxfer.tasks.sinusoid.SinusoidEpisodeSet`, whose seed and
             fingerprint are recorded).
         device: where to run; defaults to the learner's parameters' device.
         protocol: free text recorded with the result, e.g. ``"omniglot vinyals test"``.
         progress: show a progress bar.
 
     Returns:
-        :class:`EvalResult` with mean ± 95% CI in percent.
+        :class:`EvalResult` with mean ± 95% CI (accuracy in percent, or MSE).
+
+    Raises:
+        ValueError: for batched episodes, or episodes that mix classification and regression.
     """
     if device is None:
         first = next(learner.parameters(), None)
@@ -103,17 +156,32 @@ def evaluate(
         from tqdm.auto import tqdm
 
         iterator = tqdm(episodes, desc="eval", leave=False)
-    accs: list[float] = []
-    ways = shots = queries = 0
+    scores: list[float] = []
+    ways: int | None = 0
+    shots = queries = 0
+    metric: str | None = None
     for episode in iterator:
         if episode.is_batched:
             raise ValueError("evaluate expects unbatched episodes (no task dimension); iterate EpisodeSet, not .batches()")
-        ways = episode.ways
-        shots = episode.support_y.numel() // max(ways, 1)
-        queries = episode.query_y.numel() // max(ways, 1)
-        accs.append(100.0 * episode_accuracy(learner, episode.to(device)))
-    mean, ci, std = mean_ci95(accs)
+        this = "mse" if episode.support_y.is_floating_point() else "accuracy"
+        if metric is not None and this != metric:
+            raise ValueError("the episodes mix classification (integer labels) and regression (float targets); "
+                             "evaluate them separately")
+        metric = this
+        if metric == "mse":
+            ways, shots, queries = None, episode.support_y.shape[0], episode.query_y.shape[0]
+            scores.append(episode_mse(learner, episode.to(device)))
+        else:
+            ways = episode.ways
+            shots = episode.support_y.numel() // max(ways, 1)
+            queries = episode.query_y.numel() // max(ways, 1)
+            scores.append(100.0 * episode_accuracy(learner, episode.to(device)))
+    mean, ci, std = mean_ci95(scores)
     meta = episodes.describe() if hasattr(episodes, "describe") else {}
-    return EvalResult(mean=mean, ci95=ci, std=std, n=len(accs), ways=ways, shots=shots, queries=queries,
+    regression = metric == "mse"
+    steps = getattr(learner, "eval_inner_steps", None)
+    return EvalResult(mean=mean, ci95=ci, std=std, n=len(scores), ways=ways, shots=shots, queries=queries,
                       transductive=bool(getattr(learner, "transductive", False)), seed=meta.get("seed"),
-                      fingerprint=meta.get("fingerprint"), protocol=protocol, accuracies=accs)
+                      fingerprint=meta.get("fingerprint"), protocol=protocol,
+                      accuracies=[] if regression else scores, metric=metric or "accuracy",
+                      adapt_steps=int(steps) if steps is not None else None, mses=scores if regression else [])

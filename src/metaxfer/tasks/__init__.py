@@ -2,5 +2,15 @@
 
 from metaxfer.tasks.episode import Episode, stack_episodes
 from metaxfer.tasks.sampler import EpisodeSampler, EpisodeSet, dataset_labels, gather
+from metaxfer.tasks.sinusoid import SinusoidEpisodeSet, SinusoidTasks
 
-__all__ = ["Episode", "EpisodeSampler", "EpisodeSet", "dataset_labels", "gather", "stack_episodes"]
+__all__ = [
+    "Episode",
+    "EpisodeSampler",
+    "EpisodeSet",
+    "SinusoidEpisodeSet",
+    "SinusoidTasks",
+    "dataset_labels",
+    "gather",
+    "stack_episodes",
+]

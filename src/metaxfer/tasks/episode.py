@@ -12,7 +12,9 @@ class Episode(NamedTuple):
     """A few-shot task (or a stack of tasks).
 
     Labels are episode-local: ``0 .. ways-1``, grouped by class (all shots of
-    class 0 first, then class 1, ...).
+    class 0 first, then class 1, ...). Regression tasks (sinusoids) carry
+    floating-point targets with an output dimension instead: ``support_y``
+    ``[S, out]`` / ``[T, S, out]``, ``query_y`` ``[Q, out]`` / ``[T, Q, out]``.
 
     Shapes, for one task / for a meta-batch of ``T`` tasks:
         support_x: ``[ways*shots, *x_shape]`` / ``[T, ways*shots, *x_shape]``
@@ -34,7 +36,8 @@ class Episode(NamedTuple):
     @property
     def is_batched(self) -> bool:
         """True when the tensors carry a leading task dimension."""
-        return self.support_y.dim() == 2
+        # Class labels are [S] per task; regression targets keep an output dimension, [S, out].
+        return self.support_y.dim() == (3 if self.support_y.is_floating_point() else 2)
 
     @property
     def num_tasks(self) -> int:
@@ -43,7 +46,9 @@ class Episode(NamedTuple):
 
     @property
     def ways(self) -> int:
-        """Number of classes per task."""
+        """Number of classes per task (0 for regression tasks, whose targets are floating point)."""
+        if self.support_y.is_floating_point():
+            return 0
         y = self.support_y[0] if self.is_batched else self.support_y
         return int(y.max().item()) + 1 if y.numel() else 0
 

@@ -83,7 +83,8 @@ def fit(
     checkpoint is written atomically: weights, optimiser, scheduler, every RNG
     and the sampler position; ``resume=True`` continues from the latest one and
     gives exactly the losses an uninterrupted run gives. Validation on the
-    fixed ``val_episodes`` every ``val_every`` steps keeps the best checkpoint.
+    fixed ``val_episodes`` every ``val_every`` steps keeps the best checkpoint
+    (highest accuracy, or lowest mean squared error for regression tasks).
     Metrics go to ``metrics.jsonl`` / ``metrics.csv``, and a learning curve to
     ``curve.png`` (with matplotlib installed).
 
@@ -122,7 +123,8 @@ def fit(
     learner.to(device)
     run_path = Path(run_dir) if run_dir is not None else None
     ckpts = Checkpoints(run_path) if run_path is not None else None
-    start, best_acc, best_step, elapsed_before = 0, -math.inf, None, 0.0
+    # best_score is higher-is-better: the validation accuracy, or minus the validation MSE for regression.
+    start, best_score, best_step, elapsed_before = 0, -math.inf, None, 0.0
     best_val: EvalResult | None = None
     if ckpts is not None and not resume and ckpts.root.exists():
         # A fresh start must not leave pointers to the old run's checkpoints behind.
@@ -139,7 +141,9 @@ def fit(
             sampler.load_state_dict(state["sampler"])
             _set_rng_state(state["rng"])
             start = int(state["step"])
-            best_acc = state["best_acc"] if state["best_acc"] is not None else -math.inf
+            # Checkpoints from before regression support store the best accuracy as "best_acc".
+            saved = state.get("best_score", state.get("best_acc"))
+            best_score = saved if saved is not None else -math.inf
             best_step = state["best_step"]
             elapsed_before = float(state.get("seconds", 0.0))
             logger.info("resumed from %s at step %d", directory, start)
@@ -156,7 +160,7 @@ def fit(
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "sampler": sampler.state_dict(),
             "rng": _rng_state(),
-            "best_acc": None if best_acc == -math.inf else best_acc,
+            "best_score": None if best_score == -math.inf else best_score,
             "best_step": best_step,
             "seconds": elapsed(),
         }
@@ -221,10 +225,10 @@ def fit(
                 result = evaluate(learner, val_episodes, device=device)
                 record = record or {"step": step, "loss": None, "accuracy": None,
                                     "lr": optimizer.param_groups[0]["lr"], "seconds": elapsed()}
-                record.update(val_accuracy=result.mean, val_ci95=result.ci95)
+                record.update({f"val_{result.metric}": result.mean, "val_ci95": result.ci95})
                 logger.info("step %d: validation %s", step, result.line())
-                if result.mean > best_acc:
-                    best_acc, best_step, best_val, is_best = result.mean, step, result, True
+                if result.score() > best_score:  # accuracy: higher; MSE: lower
+                    best_score, best_step, best_val, is_best = result.score(), step, result, True
             if record is not None:
                 history.append(record)
                 if log is not None:
