@@ -83,13 +83,10 @@ def test_affine_batchnorm_is_exact_under_vmap_and_needs_no_warning() -> None:
 
 def _regression_tasks(tasks: int, dim: int, gen: torch.Generator) -> Episode:
     def part(n: int) -> tuple[Tensor, Tensor]:
-        return torch.randn(tasks, n, dim, generator=gen, dtype=torch.float64), torch.randn(tasks, n, generator=gen, dtype=torch.float64)
+        # Regression targets carry an output dimension: [T, n, 1].
+        return torch.randn(tasks, n, dim, generator=gen, dtype=torch.float64), torch.randn(tasks, n, 1, generator=gen, dtype=torch.float64)
 
     return Episode(*part(4), *part(6))
-
-
-def _squeezed_mse(out: Tensor, y: Tensor) -> Tensor:
-    return F.mse_loss(out.squeeze(-1), y)
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
@@ -103,7 +100,7 @@ def test_linear_regression_meta_gradient_matches_closed_form(vectorize: bool) ->
 
     def normal_equations(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         xt = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-        return 2 * xt.T @ xt / len(x), 2 * xt.T @ y / len(x)
+        return 2 * xt.T @ xt / len(x), 2 * xt.T @ y[:, 0] / len(x)
 
     theta0 = torch.cat([model.weight.detach()[0], model.bias.detach()])
     second, first = torch.zeros_like(theta0), torch.zeros_like(theta0)
@@ -118,7 +115,7 @@ def test_linear_regression_meta_gradient_matches_closed_form(vectorize: bool) ->
 
     got = {}
     for first_order in (False, True):
-        learner = MAML(model, inner_lr=lr, inner_steps=steps, first_order=first_order, vectorize=vectorize, loss_fn=_squeezed_mse)
+        learner = MAML(model, inner_lr=lr, inner_steps=steps, first_order=first_order, vectorize=vectorize, loss_fn=F.mse_loss)
         gw, gb = torch.autograd.grad(learner.loss(batch), [model.weight, model.bias])
         got[first_order] = torch.cat([gw[0], gb])
         assert learner.last_metrics == {}  # regression: no accuracy

@@ -9,16 +9,18 @@ patched.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaxfer.errors import ConfigError
+from metaxfer.errors import ConfigError, EpisodeError, NonFiniteLossError
 from metaxfer.functional.inner_loop import (
+    InnerLoopResult,
     LearningRate,
     Params,
+    SupportLoss,
     inner_loop,
     support_batch_norm,
     without_running_stats,
@@ -81,7 +83,7 @@ class AdaptedPredictor:
 
 
 class MAML(Learner):
-    """Model-Agnostic Meta-Learning (Finn, Abbeel & Levine, ICML 2017).
+    """Model-Agnostic Meta-Learning (Finn, Abbeel & Levine, ICML 2017), first or second order.
 
     "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks",
     https://arxiv.org/abs/1703.03400. Meta-learns an initialisation ``theta``
@@ -89,18 +91,22 @@ class MAML(Learner):
     support set (eq. 1) give low query loss; the meta-objective is the mean
     query loss after adaptation over the tasks of a meta-batch (eq. 3), and
     its gradient flows through the inner gradient steps (second order)
-    unless ``first_order=True`` (the paper's first-order approximation).
+    unless ``first_order=True`` (the paper's first-order approximation, FOMAML).
 
-    All parameters with ``requires_grad=True`` are adapted in the inner loop;
-    frozen ones are used as they are.
+    Which parameters adapt: those named by ``adapt`` (all parameters with
+    ``requires_grad=True`` by default). The other trainable parameters are
+    meta-learned by the outer step but kept fixed in the inner loop (ANIL,
+    Raghu et al. 2020, is ``adapt=["head"]``); frozen ones
+    (``requires_grad=False``) are used as they are.
 
     BatchNorm policy (support statistics, non-transductive, exact):
         Every BatchNorm layer normalises with the batch statistics of the
         task's *support set*, whatever the module's ``train()``/``eval()``
         mode; running statistics are never read nor updated.
 
-        * Inner loop: a plain batch-statistics pass over the support, as in
-          the paper's training.
+        * Inner loop: a plain batch-statistics pass over the support at every
+          step, i.e. statistics of the current adapted weights (MAML++'s
+          "per-step" statistics come for free; nothing is carried across tasks).
         * Query (in ``loss`` and in the predictor from ``adapt``): one pass
           over ``cat([support, query])`` with the adapted parameters, where
           each BatchNorm uses the mean and biased variance of the support
@@ -126,7 +132,8 @@ class MAML(Learner):
     Args:
         model: maps ``[N, *x_shape]`` inputs to ``[N, ways]`` logits (or
             regression outputs), e.g. ``Conv4(num_classes=5, norm="batchnorm_split")``.
-        inner_lr: inner-loop step size (0.4 for Omniglot in the paper).
+        inner_lr: inner-loop step size (0.4 for Omniglot in the paper); the
+            initial value when ``learn_inner_lr``.
         inner_steps: inner gradient steps in meta-training (1 for Omniglot 5-way).
         first_order: detach the inner gradients (first-order MAML).
         eval_inner_steps: inner steps in :meth:`adapt`; defaults to ``inner_steps``
@@ -142,12 +149,29 @@ class MAML(Learner):
         loss_fn: ``(outputs [N, ...], targets [N, ...]) -> scalar`` used in the
             inner and outer loop; cross-entropy by default, e.g. MSE for
             regression (sinusoids).
+        adapt: names (or name prefixes, e.g. ``"head"``) of the parameters the
+            inner loop adapts; ``None`` adapts every trainable parameter.
+        inner_grad_clip: clip each inner step's gradient to this global L2
+            norm (per task); ``None`` does not clip.
+        learn_inner_lr: meta-learn one inner learning rate per adapted
+            parameter tensor and per inner step, initialised to ``inner_lr``
+            (MAML++ "LSLR", Antoniou, Edwards & Storkey, ICLR 2019, "How to
+            train your MAML"); test-time steps beyond ``inner_steps`` reuse
+            the last step's rates.
 
     Shapes:
         ``loss(batch)``: ``support_x [T, S, *x_shape]``, ``support_y [T, S]``,
         ``query_x [T, Q, *x_shape]``, ``query_y [T, Q]``; returns a scalar.
         ``adapt(support_x [S, *x_shape], support_y [S])`` returns a predictor
         ``query_x [Q, *x_shape] -> logits [Q, ways]``.
+
+    Raises:
+        ConfigError: negative step counts, a non-floating-point parameter,
+            an ``adapt`` entry that matches no trainable parameter, nothing to adapt.
+        EpisodeError: (from ``loss``) a model whose number of outputs is not
+            the episodes' number of ways.
+        NonFiniteLossError: (from ``loss``) a NaN or infinite support loss in
+            the inner loop; the message names the task and the step.
 
     Attributes:
         last_metrics: ``{"accuracy": float}`` mean query accuracy after
@@ -175,12 +199,19 @@ class MAML(Learner):
         task_chunk: int | None = None,
         transductive: bool = False,
         loss_fn: LossFn = F.cross_entropy,
+        adapt: Sequence[str] | None = None,
+        inner_grad_clip: float | None = None,
+        learn_inner_lr: bool = False,
     ) -> None:
         super().__init__()
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ConfigError(f"inner_steps and eval_inner_steps must be >= 0, got {inner_steps} and {eval_inner_steps}")
         if task_chunk is not None and task_chunk < 1:
             raise ConfigError(f"task_chunk must be a positive number of tasks or None, got {task_chunk}")
+        if inner_grad_clip is not None and inner_grad_clip <= 0:
+            raise ConfigError(f"inner_grad_clip must be a positive gradient norm or None, got {inner_grad_clip}")
+        if inner_lr <= 0 and not learn_inner_lr:
+            raise ConfigError(f"inner_lr must be > 0, got {inner_lr}")
         self.model = model
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
@@ -191,28 +222,81 @@ class MAML(Learner):
         self.task_chunk = task_chunk
         self.transductive = bool(transductive)
         self.loss_fn = loss_fn
+        self.inner_grad_clip = inner_grad_clip
+        self.adapted_names = self._select_adapted(adapt)
+        self.inner_lrs: nn.Parameter | None = None
+        if learn_inner_lr:
+            like = next(self.model.parameters())
+            rates = torch.full((max(self.inner_steps, 1), len(self.adapted_names)), self.inner_lr, dtype=like.dtype,
+                               device=like.device)
+            self.inner_lrs = nn.Parameter(rates)
         self.last_metrics: dict[str, float] = {}
+        self._checked_ways: set[int] = set()
+
+    def _select_adapted(self, adapt: Sequence[str] | None) -> list[str]:
+        """Names of the parameters the inner loop adapts (validated; see ``adapt``)."""
+        trainable = []
+        for name, p in self.model.named_parameters():
+            if not p.dtype.is_floating_point:
+                raise ConfigError(
+                    f"parameter {name!r} has dtype {p.dtype}: gradient-based learners can only adapt floating-point "
+                    "parameters; store integer state as a buffer (module.register_buffer) instead"
+                )
+            if p.requires_grad:
+                trainable.append(name)
+        if adapt is None:
+            chosen = trainable
+        else:
+            if isinstance(adapt, str):
+                adapt = [adapt]
+            chosen = []
+            for key in adapt:
+                hits = [n for n in trainable if n == key or n.startswith(key + ".")]
+                if not hits:
+                    frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad and (n == key or n.startswith(key + "."))]
+                    why = (f"it names parameters that need no gradient (requires_grad=False: {frozen[:4]}); unfreeze them"
+                           if frozen else f"no parameter has that name or prefix; trainable ones: {trainable[:8]}")
+                    raise ConfigError(f"adapt entry {key!r} cannot be adapted: {why}")
+                chosen += [n for n in hits if n not in chosen]
+        if not chosen:
+            raise ConfigError("the model has no trainable parameter to adapt (all have requires_grad=False)")
+        return chosen
 
     # -- pieces shared by loss and adapt -------------------------------------------------------
 
     def _split_params(self, detach: bool) -> tuple[Params, Params]:
-        """(adapted, frozen) parameter dicts: those that require grad, and the rest."""
-        adapted, frozen = {}, {}
+        """(adapted, fixed) parameter dicts: those the inner loop adapts, and all the others."""
+        adapted, fixed = {}, {}
+        chosen = set(self.adapted_names)
         for name, p in self.model.named_parameters():
-            (adapted if p.requires_grad else frozen)[name] = p.detach() if detach else p
-        return adapted, frozen
+            (adapted if name in chosen else fixed)[name] = p.detach() if detach else p
+        return adapted, fixed
 
-    def _inner_lr(self) -> LearningRate:
-        """Inner step size (a hook for Meta-SGD-style per-parameter rates)."""
-        return self.inner_lr
+    def _inner_lr(self, detach: bool) -> LearningRate | list[LearningRate]:
+        """The inner step size: a float, or per-step dicts of learned per-tensor rates (MAML++)."""
+        if self.inner_lrs is None:
+            return self.inner_lr
+        rates = self.inner_lrs.detach() if detach else self.inner_lrs
+        steps = max(self.inner_steps, self.eval_inner_steps, 1)
+        last = rates.shape[0] - 1
+        return [{name: rates[min(s, last), i] for i, name in enumerate(self.adapted_names)} for s in range(steps)]
 
-    def _adapt_params(self, params: Params, frozen: Params, support_x: Tensor, support_y: Tensor, steps: int) -> Params:
-        """Run the inner loop on one task; returns the adapted (not frozen) parameters."""
+    def _support_loss(self, fixed: Params) -> SupportLoss:
+        """``(adapted params, x, y) -> loss`` of the whole model with BatchNorm on ``x``'s own statistics."""
 
         def support_loss(p: Params, x: Tensor, y: Tensor) -> Tensor:
-            return self.loss_fn(_forward(self.model, {**frozen, **p}, x, None), y)
+            return self.loss_fn(_forward(self.model, {**fixed, **p}, x, None), y)
 
-        return inner_loop(support_loss, params, support_x, support_y, self._inner_lr(), steps, self.first_order)
+        return support_loss
+
+    def _adapt_params(
+        self, params: Params, fixed: Params, support_x: Tensor, support_y: Tensor, steps: int, lr: LearningRate | list[LearningRate]
+    ) -> InnerLoopResult:
+        """Run the shared inner loop on one task: (adapted parameters, support losses ``[steps]``)."""
+        return inner_loop(  # type: ignore[return-value]
+            self._support_loss(fixed), params, support_x, support_y, lr, steps, self.first_order,
+            grad_clip=self.inner_grad_clip, return_losses=True,
+        )
 
     def _query_outputs(self, params: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
         """Outputs ``[Q, ...]`` on the query with ``params`` under the BatchNorm policy."""
@@ -222,12 +306,47 @@ class MAML(Learner):
         return _forward(self.model, params, torch.cat([support_x, query_x]), s)[s:]
 
     def _task_loss(
-        self, params: Params, frozen: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """One task: (query loss after adaptation, detached query outputs ``[Q, ...]``)."""
-        adapted = self._adapt_params(params, frozen, support_x, support_y, self.inner_steps)
-        out = self._query_outputs({**frozen, **adapted}, support_x, query_x)
-        return self.loss_fn(out, query_y), out.detach()
+        self,
+        params: Params,
+        fixed: Params,
+        lr: LearningRate | list[LearningRate],
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One task: (query loss after adaptation, detached query outputs ``[Q, ...]``, support losses ``[steps]``)."""
+        adapted, inner_losses = self._adapt_params(params, fixed, support_x, support_y, self.inner_steps, lr)
+        out = self._query_outputs({**fixed, **adapted}, support_x, query_x)
+        return self.loss_fn(out, query_y), out.detach(), inner_losses
+
+    def _check_outputs(self, batch: Episode) -> None:
+        """Fail early, with the fix, when the model's outputs do not match the episodes' ways."""
+        if batch.support_y.dtype.is_floating_point:
+            return
+        ways = batch.ways
+        if ways in self._checked_ways:
+            return
+        with torch.no_grad():
+            params, fixed = self._split_params(detach=True)
+            out = _forward(self.model, {**fixed, **params}, batch.support_x[0], None)
+        if out.dim() != 2 or out.shape[1] != ways:
+            raise EpisodeError(
+                f"the model outputs shape {tuple(out.shape)} for {batch.support_x.shape[1]} support examples, but the "
+                f"episodes are {ways}-way: its last layer must output [N, {ways}] logits (e.g. Conv4(num_classes={ways}))"
+            )
+        self._checked_ways.add(ways)
+
+    @staticmethod
+    def _raise_on_nonfinite(inner_losses: Tensor) -> None:
+        """Name the first task and inner step whose support loss is NaN or infinite (``[T, steps]``)."""
+        bad = ~torch.isfinite(inner_losses)
+        if inner_losses.numel() and bool(bad.any()):
+            task, step = (int(i) for i in bad.nonzero()[0])
+            raise NonFiniteLossError(
+                f"the support loss of task {task} is {inner_losses[task, step].item()} at inner step {step}: lower "
+                "inner_lr, set inner_grad_clip, or check that task's inputs for NaN/inf values"
+            )
 
     # -- the learner contract ------------------------------------------------------------------
 
@@ -238,30 +357,35 @@ class MAML(Learner):
             batch: an episode with ``[T, ...]`` tensors (an unbatched one counts as ``T = 1``).
 
         Returns:
-            Scalar meta-loss, differentiable w.r.t. the model parameters
+            Scalar meta-loss, differentiable w.r.t. the meta-parameters
             (through the inner loop unless ``first_order``). Sets
             ``self.last_metrics``.
+
+        Raises:
+            EpisodeError: the model's output size differs from the episodes' ways.
+            NonFiniteLossError: a support loss became NaN/inf (names task and step).
         """
         batch = batch.batch()
-        params, frozen = self._split_params(detach=False)
+        self._check_outputs(batch)
+        params, fixed = self._split_params(detach=False)
+        lr = self._inner_lr(detach=False)
         if self.vectorize:
             task_fn = torch.func.vmap(
                 self._task_loss,
-                in_dims=(None, None, 0, 0, 0, 0),
+                in_dims=(None, None, None, 0, 0, 0, 0),
                 # Tasks draw independent dropout masks, as in the per-task loop.
                 randomness="different",
             )
             chunk = self.task_chunk or batch.num_tasks
             parts = [
-                task_fn(params, frozen, *chunk_tensors)
+                task_fn(params, fixed, lr, *chunk_tensors)
                 for chunk_tensors in zip(*(t.split(chunk) for t in batch))
             ]
-            losses = torch.cat([p[0] for p in parts])
-            outputs = torch.cat([p[1] for p in parts])
+            losses, outputs, inner = (torch.cat([p[i] for p in parts]) for i in range(3))
         else:
-            results = [self._task_loss(params, frozen, *batch.task(t)) for t in range(batch.num_tasks)]
-            losses = torch.stack([r[0] for r in results])
-            outputs = torch.stack([r[1] for r in results])
+            results = [self._task_loss(params, fixed, lr, *batch.task(t)) for t in range(batch.num_tasks)]
+            losses, outputs, inner = (torch.stack([r[i] for r in results]) for i in range(3))
+        self._raise_on_nonfinite(inner)
         self.last_metrics = self._metrics(outputs, batch.query_y)
         return losses.mean()
 
@@ -283,19 +407,26 @@ class MAML(Learner):
         Returns:
             An :class:`AdaptedPredictor` ``query_x [Q, *x_shape] -> logits [Q, ways]``
             holding detached adapted parameters.
+
+        Raises:
+            NonFiniteLossError: the support loss became NaN/inf (names the step).
         """
         # Detached inputs: the inner gradients come from torch.func.grad (which works under an
         # outer no_grad too), and no graph back to the learner's parameters is built.
-        params, frozen = self._split_params(detach=True)
-        adapted = self._adapt_params(params, frozen, support_x, support_y, self.eval_inner_steps)
+        params, fixed = self._split_params(detach=True)
+        adapted, inner = self._adapt_params(params, fixed, support_x, support_y, self.eval_inner_steps,
+                                            self._inner_lr(detach=True))
+        self._raise_on_nonfinite(inner.unsqueeze(0))
         # Clone so that the predictor owns its tensors (with 0 steps they would alias the learner's).
-        state = {name: t.detach().clone() for name, t in {**frozen, **adapted}.items()}
+        state = {name: t.detach().clone() for name, t in {**fixed, **adapted}.items()}
         return AdaptedPredictor(self.model, state, None if self.transductive else support_x.detach().clone())
 
     def extra_repr(self) -> str:
+        adapted = "all" if len(self.adapted_names) == sum(1 for p in self.model.parameters() if p.requires_grad) else self.adapted_names
         return (
             f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, eval_inner_steps={self.eval_inner_steps}, "
-            f"order={self.order!r}, vectorize={self.vectorize}, task_chunk={self.task_chunk}, transductive={self.transductive}"
+            f"order={self.order!r}, vectorize={self.vectorize}, task_chunk={self.task_chunk}, "
+            f"transductive={self.transductive}, adapt={adapted}, learn_inner_lr={self.inner_lrs is not None}"
         )
 
 
@@ -317,3 +448,11 @@ def maml(backbone: nn.Module, loss: str = "cross_entropy", **kwargs: object) -> 
     ``loss`` names the inner and outer loss (``"cross_entropy"`` or ``"mse"``).
     """
     return MAML(backbone, loss_fn=loss_by_name(loss), **kwargs)  # type: ignore[arg-type]
+
+
+@register_learner("fomaml")
+def fomaml(backbone: nn.Module, loss: str = "cross_entropy", **kwargs: object) -> MAML:
+    """First-order MAML (Finn et al. 2017, section 5.2): :class:`MAML` with ``first_order=True``."""
+    if kwargs.pop("first_order", True) is not True:
+        raise ConfigError("fomaml is first-order MAML; for second order use learner: maml")
+    return MAML(backbone, first_order=True, loss_fn=loss_by_name(loss), **kwargs)  # type: ignore[arg-type]
