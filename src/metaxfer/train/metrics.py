@@ -51,7 +51,7 @@ class MetricsLog:
 
 
 def plot_learning_curve(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Training loss and accuracy, and validation accuracy ± CI, against step. Needs matplotlib (the ``plot`` extra)."""
+    """Training loss and accuracy, and validation accuracy (or MSE) ± CI, against step. Needs matplotlib (the ``plot`` extra)."""
     try:
         import matplotlib
 
@@ -66,15 +66,22 @@ def plot_learning_curve(records: list[dict[str, Any]], path: Path) -> Path | Non
     if train:
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8)
         with_acc = [r for r in train if r.get("accuracy") is not None]
-        ax_acc.plot([r["step"] for r in with_acc], [100 * r["accuracy"] for r in with_acc], lw=0.8, label="train episodes")
+        if with_acc:
+            ax_acc.plot([r["step"] for r in with_acc], [100 * r["accuracy"] for r in with_acc], lw=0.8, label="train episodes")
     if val:
         steps = [r["step"] for r in val]
         acc = [r["val_accuracy"] for r in val]
         ci = [r.get("val_ci95") or 0.0 for r in val]
         ax_acc.errorbar(steps, acc, yerr=ci, marker="o", ms=3, capsize=2, label="validation ± 95% CI")
+    val_mse = [r for r in records if r.get("val_mse") is not None]
+    if val_mse:  # regression runs (sinusoids): validation MSE ± CI instead of accuracy
+        ax_acc.errorbar([r["step"] for r in val_mse], [r["val_mse"] for r in val_mse],
+                        yerr=[r.get("val_ci95") or 0.0 for r in val_mse], marker="o", ms=3, capsize=2,
+                        label="validation ± 95% CI")
     ax_loss.set(xlabel="step", ylabel="training loss", yscale="log")
-    ax_acc.set(xlabel="step", ylabel="accuracy (%)")
-    ax_acc.legend(loc="lower right")
+    ax_acc.set(xlabel="step", ylabel="validation MSE" if val_mse and not val else "accuracy (%)")
+    if ax_acc.get_legend_handles_labels()[0]:  # a run without accuracy or validation has nothing to label
+        ax_acc.legend(loc="upper right" if val_mse and not val else "lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
