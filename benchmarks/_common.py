@@ -278,7 +278,7 @@ class PlainConv4(nn.Module):
     """Four blocks of 3x3 conv (``hidden`` channels) -> BatchNorm -> ReLU -> 2x2 max-pool, NCHW, stock modules.
 
     The same architecture and ``state_dict`` keys as ``metaxfer.backbones.Conv4``
-    (``norm="batchnorm"`` or ``"batchnorm_split"``, ``downsample="maxpool"``),
+    (``norm="batchnorm"``, ``"batchnorm_split"`` or ``"none"``, ``downsample="maxpool"``),
     in the paper's layer order and without metaxfer's CPU fast paths.
     """
 
@@ -291,7 +291,7 @@ class PlainConv4(nn.Module):
                 layers.append(nn.BatchNorm2d(hidden))
             elif norm == "batchnorm_split":
                 layers += [nn.BatchNorm2d(hidden, affine=False), PlainAffine(hidden)]
-            else:
+            elif norm != "none":
                 raise ValueError(norm)
             layers += [nn.ReLU(), nn.MaxPool2d(2)]
             blocks.append(nn.Sequential(*layers))

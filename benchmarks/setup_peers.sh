@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build .venv-bench: a separate virtual environment holding metaxfer (editable)
 # and the peer libraries the speed benchmarks compare against:
-#   easyfsl==1.5.0, learn2learn==0.2.0 (and torchvision, which both import).
+#   easyfsl==1.5.0, learn2learn==0.2.0 (and torchvision, which both import),
+#   higher==0.2.1 (maml_gradients_vs_peers.py).
 #
 # The peers are benchmark-only; they are never metaxfer dependencies.
 #
@@ -26,6 +27,8 @@
 #    dependencies it needs at import time (gym, scipy, requests, tqdm). gsutil
 #    and qpth (used only by dataset download / MetaOptNet) are skipped.
 #  * numpy<2: gym 0.26 and older peers use aliases removed in numpy 2.
+#  * higher 0.2.1 is pure Python and needs only torch; --no-deps so that its
+#    loose `torch` requirement can never make pip reconsider the pinned torch.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -96,12 +99,16 @@ rm -rf "$SRC/.eggs"
 "${PIP[@]}" install --no-build-isolation --no-deps "$SRC"
 "${PIP[@]}" install "gym>=0.14.0" scipy requests tqdm
 
+echo "== higher 0.2.1"
+"${PIP[@]}" install --no-deps "higher==0.2.1"
+
 echo "== check"
 "$PY" - <<'EOF'
-import torch, torchvision, easyfsl, learn2learn, metaxfer
+import torch, torchvision, easyfsl, learn2learn, higher, metaxfer
+from importlib import metadata
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 print("torch", torch.__version__, "| torchvision", torchvision.__version__, "| learn2learn", learn2learn.__version__,
-      "| metaxfer", metaxfer.__version__, "(", metaxfer.__file__, ")")
+      "| higher", metadata.version("higher"), "| metaxfer", metaxfer.__version__, "(", metaxfer.__file__, ")")
 from easyfsl.methods import PrototypicalNetworks  # noqa: F401
 from learn2learn.algorithms import MAML  # noqa: F401
 EOF
