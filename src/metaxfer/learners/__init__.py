@@ -2,7 +2,11 @@
 
 from metaxfer.learners.base import Learner, Predictor
 from metaxfer.learners.gradient import MAML
+from metaxfer.learners.lstm_meta import LSTMMetaLearner
 from metaxfer.learners.metric import ProtoNet
 from metaxfer.learners.registry import LEARNERS, create_learner, register_learner
+from metaxfer.learners.reptile import Reptile
 
-__all__ = ["LEARNERS", "MAML", "Learner", "Predictor", "ProtoNet", "create_learner", "register_learner"]
+__all__ = [
+    "LEARNERS", "LSTMMetaLearner", "MAML", "Learner", "Predictor", "ProtoNet", "Reptile", "create_learner", "register_learner",
+]

@@ -1,0 +1,115 @@
+"""Inner-loop update rules for :func:`metaxfer.functional.inner_loop` (its ``update`` argument).
+
+An update rule is a pure function ``(params, grads, loss, step, state) ->
+(params, state)`` (:class:`metaxfer.functional.inner_loop.UpdateRule`). Being
+pure tensor code without data-dependent control flow, the rules here run per
+task, under ``torch.func.vmap`` over the tasks of a meta-batch, and under
+outer autograd.
+
+* :class:`AdamUpdate`: Adam (Kingma & Ba 2015) with its moments kept in the
+  rule's ``state``, reset for every task; with ``beta1 = 0`` it is the inner
+  optimiser of Reptile on Omniglot and miniImageNet (Nichol, Achiam &
+  Schulman 2018, "On First-Order Meta-Learning Algorithms", appendix A).
+* :func:`log_sign_preprocess`: the gradient / loss preprocessing of learned
+  optimisers (Andrychowicz et al. 2016, "Learning to learn by gradient descent
+  by gradient descent", appendix A), used by the LSTM meta-learner (Ravi &
+  Larochelle 2017).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaxfer.errors import ConfigError
+from metaxfer.functional.inner_loop import Params
+
+__all__ = ["AdamUpdate", "log_sign_preprocess"]
+
+
+class AdamUpdate:
+    """Adam as an inner-loop update rule; the moment estimates live in ``state`` (``None`` at step 0).
+
+    ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
+    ``theta <- theta - lr * m_hat / (sqrt(v_hat) + eps)`` with the usual bias
+    corrections ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``.
+
+    The state starts at zero for every task: each call of ``inner_loop`` is
+    one task, so tasks of a vmapped meta-batch are independent. (The Reptile
+    reference code, openai/supervised-reptile, keeps TensorFlow's Adam slots
+    across training tasks; resetting them is what makes the inner loop a
+    pure function of one task and is the same as their evaluation, which
+    restores the optimiser state after each task.)
+
+    Args:
+        lr: step size (Reptile: 1e-3 on Omniglot 5-way).
+        betas: ``(b1, b2)``; Reptile uses ``b1 = 0`` ("we found it helpful to
+            use Adam with beta1 = 0", so the step is ``g / sqrt(v_hat)``).
+        eps: added to ``sqrt(v_hat)``.
+
+    Example:
+        >>> rule = AdamUpdate(lr=0.1, betas=(0.0, 0.999))
+        >>> params, state = rule({"w": torch.ones(2)}, {"w": torch.tensor([2.0, -3.0])}, torch.tensor(0.0), 0, None)
+        >>> params["w"]  # the first Adam step moves every coordinate by ~lr against its gradient's sign
+        tensor([0.9000, 1.1000])
+    """
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8) -> None:
+        b1, b2 = (float(b) for b in betas)
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ConfigError(f"Adam betas must lie in [0, 1), got {tuple(betas)}")
+        if lr <= 0 or eps <= 0:
+            raise ConfigError(f"Adam lr and eps must be positive, got lr={lr}, eps={eps}")
+        self.lr, self.betas, self.eps = float(lr), (b1, b2), float(eps)
+
+    def __call__(self, params: Params, grads: Params, loss: Tensor, step: int, state: Any) -> tuple[Params, Any]:
+        b1, b2 = self.betas
+        if state is None:
+            state = {"m": {k: torch.zeros_like(g) for k, g in grads.items()},
+                     "v": {k: torch.zeros_like(g) for k, g in grads.items()}}
+        t = step + 1  # steps are counted from 0 by inner_loop, Adam's bias correction from 1
+        m = {k: b1 * state["m"][k] + (1 - b1) * g for k, g in grads.items()}
+        v = {k: b2 * state["v"][k] + (1 - b2) * g * g for k, g in grads.items()}
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        new = {k: p - self.lr * (m[k] / c1) / (torch.sqrt(v[k] / c2) + self.eps) for k, p in params.items()}
+        return new, {"m": m, "v": v}
+
+    def __repr__(self) -> str:
+        return f"AdamUpdate(lr={self.lr}, betas={self.betas}, eps={self.eps})"
+
+
+def log_sign_preprocess(x: Tensor, p: float = 10.0) -> Tensor:
+    """Andrychowicz et al. (2016) preprocessing of gradients and losses for a learned optimiser.
+
+    Each coordinate ``x`` becomes two numbers of comparable scale whatever the
+    magnitude of ``x``:
+
+    * ``(log|x| / p, sign(x))`` if ``|x| >= e^-p``;
+    * ``(-1, e^p * x)`` otherwise.
+
+    Ravi & Larochelle (2017, section 3.2) feed the learner's gradient and loss
+    through it (``p = 10``) before the meta-learner's LSTM.
+
+    Args:
+        x: any shape ``[*]`` (e.g. a flattened gradient ``[n]`` or a scalar loss).
+        p: the scale parameter (> 0).
+
+    Returns:
+        ``[*, 2]`` preprocessed values.
+
+    Example:
+        >>> log_sign_preprocess(torch.tensor([-1.0, 0.0]))
+        tensor([[ 0., -1.],
+                [-1.,  0.]])
+    """
+    if p <= 0:
+        raise ConfigError(f"the preprocessing scale p must be positive, got {p}")
+    big = x.abs() >= math.exp(-p)
+    # clamp keeps log finite on the small branch, whose value torch.where discards anyway
+    # (otherwise log(0) = -inf would leak NaN into gradients through where).
+    log_part = torch.where(big, torch.log(x.abs().clamp_min(math.exp(-p))) / p, torch.full_like(x, -1.0))
+    sign_part = torch.where(big, torch.sign(x), x * math.exp(p))
+    return torch.stack([log_part, sign_part], dim=-1)

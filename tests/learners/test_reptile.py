@@ -1,0 +1,227 @@
+"""Reptile (Nichol et al. 2018): the surrogate loss makes one SGD step the interpolation toward the
+adapted weights; vmapped = per-task loop; batched = mean of serial; adaptation leaves the learner
+untouched; it learns synthetic tasks through fit(); configs, presets and save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import metaxfer
+from metaxfer.config import load_config
+from metaxfer.errors import ConfigError
+from metaxfer.evaluate import evaluate
+from metaxfer.functional.update_rules import AdamUpdate
+from metaxfer.learners.registry import create_learner
+from metaxfer.learners.reptile import Reptile
+from metaxfer.tasks import EpisodeSampler
+from metaxfer.tasks.episode import Episode
+from metaxfer.train import fit
+
+WAYS = 5
+
+
+def cluster_batch(tasks: int, shots: int, queries: int, dim: int = 16, noise: float = 0.3, seed: int = 0) -> Episode:
+    """Gaussian class clusters in ``R^dim``, new random centres for every task (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(tasks, WAYS, 1, dim, generator=gen, dtype=torch.float64) * 1.5
+
+    def draw(per_class: int) -> tuple[Tensor, Tensor]:
+        x = centres + noise * torch.randn(tasks, WAYS, per_class, dim, generator=gen, dtype=torch.float64)
+        return x.reshape(tasks, WAYS * per_class, dim), torch.arange(WAYS).repeat_interleave(per_class).repeat(tasks, 1)
+
+    return Episode(*draw(shots), *draw(queries))
+
+
+def mlp(dim: int = 16, hidden: int = 32) -> nn.Module:
+    # No bias before BatchNorm: its gradient is zero up to rounding, which Adam would blow up to +-lr steps.
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, WAYS)).double()
+
+
+def flat_grads(learner: Reptile, batch: Episode) -> list[Tensor]:
+    return list(torch.autograd.grad(learner.loss(batch), list(learner.parameters())))
+
+
+# --- the outer step --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inner_optimizer,inner_lr", [("sgd", 0.3), ("adam", 0.05)])
+def test_one_sgd_step_with_lr_eps_is_the_reptile_interpolation(inner_optimizer: str, inner_lr: float) -> None:
+    eps = 0.3
+    learner = Reptile(mlp(), inner_lr=inner_lr, inner_steps=3, inner_optimizer=inner_optimizer)
+    batch = cluster_batch(tasks=3, shots=2, queries=3)
+    theta = {k: p.detach().clone() for k, p in learner.model.named_parameters()}
+    # phi_t computed independently, one task at a time, through the public adapt().
+    phis = [learner.adapt(*batch.task(t)[:2]).params for t in range(batch.num_tasks)]
+    expected = {k: theta[k] + eps * (torch.stack([phi[k] for phi in phis]).mean(0) - theta[k]) for k in theta}
+
+    optimiser = torch.optim.SGD(learner.parameters(), lr=eps)
+    learner.loss(batch).backward()
+    optimiser.step()
+    for k, p in learner.model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[k], rtol=1e-10, atol=1e-12, msg=k)
+        assert not torch.equal(p.detach(), theta[k]), f"{k} did not move"
+
+
+def test_surrogate_value_is_half_the_squared_step() -> None:
+    learner = Reptile(mlp(), inner_lr=0.3, inner_steps=2, inner_optimizer="sgd")
+    batch = cluster_batch(tasks=2, shots=2, queries=1, seed=1)
+    loss = learner.loss(batch)
+    grads = flat_grads(learner, batch)
+    assert loss.item() == pytest.approx(0.5 * sum((g**2).sum().item() for g in grads), rel=1e-10)
+
+
+def test_vmapped_tasks_equal_the_per_task_loop() -> None:
+    model = mlp()
+    batch = cluster_batch(tasks=4, shots=2, queries=3, seed=2)
+    vmapped = Reptile(model, inner_lr=0.05, inner_steps=3, vectorize=True, task_chunk=3)  # chunks of 3 + 1 tasks
+    looped = Reptile(model, inner_lr=0.05, inner_steps=3, vectorize=False)
+    for a, b in zip(flat_grads(vmapped, batch), flat_grads(looped, batch)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert vmapped.last_metrics == looped.last_metrics and set(vmapped.last_metrics) == {"accuracy"}
+
+
+def test_batched_step_is_the_mean_of_serial_steps() -> None:
+    learner = Reptile(mlp(), inner_lr=0.05, inner_steps=3)
+    batch = cluster_batch(tasks=3, shots=2, queries=2, seed=3)
+    batched = flat_grads(learner, batch)
+    serial = [flat_grads(learner, batch.task(t)) for t in range(batch.num_tasks)]  # tasks_per_step = 1
+    for i, g in enumerate(batched):
+        torch.testing.assert_close(g, torch.stack([s[i] for s in serial]).mean(0), rtol=1e-9, atol=1e-12)
+
+
+def test_support_plus_query_adapts_on_the_union() -> None:
+    model = mlp()
+    batch = cluster_batch(tasks=1, shots=1, queries=3, seed=4)
+    union = Reptile(model, inner_lr=0.3, inner_steps=2, inner_optimizer="sgd", inner_data="support+query")
+    support = Reptile(model, inner_lr=0.3, inner_steps=2, inner_optimizer="sgd")
+    task = batch.task(0)
+    phi = union.adapt(torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])).params
+    theta = dict(model.named_parameters())
+    expected = [theta[k].detach() - phi[k] for k, _ in model.named_parameters()]
+    for g, e in zip(flat_grads(union, batch), expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(flat_grads(support, batch)[0], expected[0])
+
+
+def test_frozen_parameters_get_no_gradient_and_stay() -> None:
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    learner = Reptile(model, inner_lr=0.3, inner_steps=2, inner_optimizer="sgd")
+    learner.loss(cluster_batch(tasks=2, shots=1, queries=1)).backward()
+    assert model[0].weight.grad is None and model[3].weight.grad is not None
+    assert model[3].weight.grad.abs().sum() > 0 and torch.equal(model[0].weight, frozen)
+
+
+# --- adaptation -----------------------------------------------------------------------------
+
+
+def test_adapt_and_predict_do_not_mutate_the_learner() -> None:
+    learner = Reptile(mlp(), inner_lr=0.05, inner_steps=2, eval_inner_steps=7)
+    learner.train()
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    task = cluster_batch(tasks=1, shots=2, queries=4, seed=5).task(0)
+    predictor = learner.adapt(task.support_x, task.support_y)
+    logits = predictor(task.query_x)
+    assert logits.shape == (task.query_x.shape[0], WAYS) and not logits.requires_grad
+    for k, v in learner.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in learner.parameters())
+    # The predictor owns its weights: training the learner afterwards does not change its predictions.
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(predictor(task.query_x), logits)
+    # Queries are normalised with support statistics: one query alone gets the same logits.
+    torch.testing.assert_close(predictor(task.query_x[:1]), logits[:1])
+
+
+def test_reptile_learns_synthetic_classes_through_fit(clusters) -> None:
+    """A few Reptile steps (plain SGD, eps = 1) give an initialisation that adapts better to unseen classes."""
+    from metaxfer.data.synthetic import ClusterImages
+
+    spec = {"learner": "reptile", "backbone": "conv4",
+            "backbone_args": {"in_channels": 1, "hidden": 8, "image_size": 16, "num_classes": WAYS},
+            "learner_args": {"inner_lr": 0.1, "inner_steps": 5, "eval_inner_steps": 10, "inner_optimizer": "sgd"}}
+    learner = metaxfer.build_learner(spec)
+    val = ClusterImages("val", num_classes=20, per_class=10, image_size=16, noise=0.5)
+    episodes = EpisodeSampler(val, WAYS, 1, 5, seed=1).fixed_episodes(20, seed=1)
+    before = evaluate(learner, episodes).mean
+    optimiser = torch.optim.SGD(learner.parameters(), lr=1.0)
+    result = fit(learner, EpisodeSampler(clusters, WAYS, 5, 5, seed=0), optimiser, 25, 4, log_every=5)
+    after = evaluate(learner, episodes).mean
+    assert result.history[-1]["accuracy"] is not None
+    assert after > 90.0 and after > before + 8.0, (before, after)
+
+
+# --- the inner Adam ---------------------------------------------------------------------------
+
+
+def test_inner_adam_rule_matches_torch_adam() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    target = torch.randn(6, generator=gen, dtype=torch.float64)
+    w0 = torch.randn(3, dtype=torch.float64, generator=gen)
+
+    def loss(w: Tensor) -> Tensor:
+        return ((a @ w - target) ** 2).mean()
+
+    rule, params, state = AdamUpdate(0.1, betas=(0.0, 0.999), eps=1e-8), {"w": w0.clone()}, None
+    w = w0.clone().requires_grad_(True)
+    reference = torch.optim.Adam([w], lr=0.1, betas=(0.0, 0.999), eps=1e-8)
+    for step in range(4):
+        g = torch.func.grad(lambda p: loss(p["w"]))(params)
+        params, state = rule(params, g, loss(params["w"]), step, state)
+        reference.zero_grad()
+        loss(w).backward()
+        reference.step()
+        torch.testing.assert_close(params["w"], w.detach(), rtol=1e-12, atol=1e-12)
+
+
+# --- configuration, registry, presets, save / load --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"inner_steps": -1}, "inner_steps and eval_inner_steps must be >= 0"),
+        ({"eval_inner_steps": -2}, "inner_steps and eval_inner_steps must be >= 0"),
+        ({"inner_optimizer": "rmsprop"}, "inner_optimizer must be one of"),
+        ({"inner_data": "query"}, "inner_data must be one of"),
+        ({"inner_lr": 0.0}, "inner_lr must be positive"),
+        ({"adam_betas": (1.0, 0.999)}, "Adam betas must lie in"),
+        ({"task_chunk": 0}, "task_chunk must be a positive"),
+    ],
+)
+def test_bad_configuration_raises_config_error(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Reptile(mlp(), **kwargs)
+
+
+def test_build_from_config_dict_and_save_load_roundtrip(tmp_path) -> None:
+    spec = {"learner": "reptile", "backbone": "conv4", "backbone_args": {"hidden": 8, "image_size": 16, "num_classes": WAYS},
+            "learner_args": {"inner_lr": 0.002, "inner_steps": 4, "eval_inner_steps": 9, "adam_betas": [0.0, 0.99]}}
+    learner = metaxfer.build_learner(spec)
+    assert isinstance(learner, Reptile) and learner.order == "first" and not learner.transductive
+    assert (learner.inner_steps, learner.eval_inner_steps, learner.adam_betas) == (4, 9, (0.0, 0.99))
+    with torch.no_grad():
+        next(learner.parameters()).add_(1.0)
+    metaxfer.save(learner, tmp_path / "m")
+    loaded = metaxfer.load(tmp_path / "m")
+    assert isinstance(loaded, Reptile) and loaded.eval_inner_steps == 9 and loaded.inner_lr == 0.002
+    for (k, a), (_, b) in zip(learner.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ConfigError, match="bad learner_args for 'reptile'"):
+        metaxfer.build_learner({**spec, "learner_args": {"inner_stepz": 3}})
+    assert isinstance(create_learner("reptile", mlp(), loss="mse"), Reptile)
+
+
+def test_omniglot_preset_builds_with_the_paper_settings() -> None:
+    cfg = load_config("omniglot/reptile_5w1s")
+    learner = metaxfer.build_learner(cfg.model)
+    assert isinstance(learner, Reptile)
+    assert (learner.inner_steps, learner.eval_inner_steps, learner.inner_optimizer, learner.inner_lr) == (5, 50, "adam", 1e-3)
+    assert learner.adam_betas[0] == 0.0 and cfg.train.tasks_per_step == 5 and cfg.train.steps == 100000
+    assert (cfg.eval.ways, cfg.eval.shots) == (5, 1)
