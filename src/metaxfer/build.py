@@ -87,16 +87,27 @@ def build_sampler(data: DataConfig, split: str, ways: int | None, shots: int, qu
 
 
 def build_optimizer(params: Any, train: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or SGD (momentum 0.9) over ``params``."""
+    """Adam, or SGD with ``train.momentum`` (0.9 by default), over ``params``."""
     if train.optimizer == "adam":
         return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
     if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train.lr, momentum=0.9, weight_decay=train.weight_decay)
+        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
     raise ConfigError(f"unknown optimizer {train.optimizer!r}; choose 'adam' or 'sgd'")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Step decay by ``lr_decay`` every ``lr_decay_every`` steps (ProtoNet's halving every 2000 episodes), or none."""
+    """The learning-rate schedule ``train.lr_schedule`` names, stepped once per training step.
+
+    * ``"step"``: multiply by ``lr_decay`` every ``lr_decay_every`` steps (ProtoNet's halving
+      every 2000 episodes); no schedule when ``lr_decay_every`` is 0.
+    * ``"linear"``: anneal linearly from ``lr`` to 0 over ``steps`` (Reptile's outer step size,
+      Nichol et al. 2018).
+    """
+    if train.lr_schedule == "linear":
+        total = max(train.steps, 1)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
+    if train.lr_schedule != "step":
+        raise ConfigError(f"unknown lr_schedule {train.lr_schedule!r}; choose 'step' or 'linear'")
     if train.lr_decay_every and train.lr_decay_every > 0:
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=train.lr_decay_every, gamma=train.lr_decay)
     return None

@@ -48,10 +48,13 @@ class TrainConfig:
     shots: int = 1
     queries: int = 15
     tasks_per_step: int = 1
+    tasks_per_backward: int | None = None
     steps: int = 1000
     optimizer: str = "adam"
     lr: float = 1e-3
+    momentum: float = 0.9
     weight_decay: float = 0.0
+    lr_schedule: str = "step"
     lr_decay_every: int = 0
     lr_decay: float = 0.5
     grad_clip: float | None = None

@@ -225,3 +225,21 @@ def test_omniglot_preset_builds_with_the_paper_settings() -> None:
     assert (learner.inner_steps, learner.eval_inner_steps, learner.inner_optimizer, learner.inner_lr) == (5, 50, "adam", 1e-3)
     assert learner.adam_betas[0] == 0.0 and cfg.train.tasks_per_step == 5 and cfg.train.steps == 100000
     assert (cfg.eval.ways, cfg.eval.shots) == (5, 1)
+
+
+def test_preset_outer_step_is_plain_sgd_annealed_linearly_to_zero() -> None:
+    from metaxfer.build import build_optimizer, build_scheduler
+
+    cfg = load_config("omniglot/reptile_5w1s", ["train.steps=4"])
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer([param], cfg.train)
+    sched = build_scheduler(opt, cfg.train)
+    assert opt.param_groups[0]["momentum"] == 0.0
+    rates = []
+    for _ in range(4):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates == pytest.approx([1.0, 0.75, 0.5, 0.25]) and opt.param_groups[0]["lr"] == 0.0
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        build_scheduler(opt, load_config("omniglot/reptile_5w1s", ["train.lr_schedule=cosine"]).train)

@@ -134,3 +134,43 @@ def test_bad_arguments(clusters):
     learner, sampler, opt, _ = make(clusters)
     with pytest.raises(metaxfer.errors.ConfigError, match="on_nonfinite"):
         fit(learner, sampler, opt, 1, on_nonfinite="ignore")
+
+
+def test_tasks_per_backward_gives_the_same_gradient_and_metrics(clusters):
+    from metaxfer.train.fit import forward_backward
+
+    torch.manual_seed(0)
+    spec = {"learner": "maml", "backbone": "conv4",
+            "backbone_args": {"hidden": 4, "image_size": 16, "num_classes": 5, "norm": "batchnorm_split"},
+            "learner_args": {"inner_lr": 0.4, "inner_steps": 1}}
+    learner = metaxfer.build_learner(spec).double()
+    batch = EpisodeSampler(clusters, 5, 1, 3, seed=0).sample_batch(5)
+    batch = type(batch)(batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y)
+    grads = {}
+    for chunk in (None, 2, 1):
+        learner.zero_grad(set_to_none=True)
+        loss, detail, metrics = forward_backward(learner, batch, chunk)
+        grads[chunk] = [p.grad.clone() for p in learner.parameters()]
+        if chunk is None:
+            reference = (loss, metrics)
+        else:
+            assert loss.item() == pytest.approx(reference[0].item(), rel=1e-12)
+            assert metrics["accuracy"] == pytest.approx(reference[1]["accuracy"], rel=1e-6)  # float32 means
+        assert detail == ""
+    for a, b, c in zip(grads[None], grads[2], grads[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-13)
+
+
+def test_nan_in_a_later_chunk_discards_the_whole_step(clusters):
+    learner, sampler, opt, _ = make(clusters, lr_decay=False)
+    fit(learner, sampler, opt, 2, 4, tasks_per_backward=2)  # warm up Adam's state
+    on_call(learner, 2, lambda loss: loss * float("nan"))  # the 2nd chunk of the next step
+    before = [p.detach().clone() for p in learner.parameters()]
+    with pytest.warns(RuntimeWarning, match="at step 1; step skipped"):
+        result = fit(learner, sampler, opt, 1, 4, tasks_per_backward=2, on_nonfinite="skip")
+    assert result.skipped_steps == [1]
+    for a, b in zip(before, learner.parameters()):
+        assert torch.equal(a, b)  # the first chunk's gradient was not applied
+    with pytest.raises(metaxfer.errors.ConfigError, match="tasks_per_backward"):
+        fit(learner, sampler, opt, 1, 4, tasks_per_backward=0)

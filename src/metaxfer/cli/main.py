@@ -66,7 +66,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = fit(learner, sampler, optimizer, t.steps, t.tasks_per_step, scheduler=scheduler,
                  val_episodes=val_episodes, val_every=t.val_every, run_dir=run_dir,
                  checkpoint_every=t.checkpoint_every, resume=not args.restart, grad_clip=t.grad_clip,
-                 on_nonfinite=t.on_nonfinite, device=cfg.device, progress=args.progress, extra_config=extra)
+                 on_nonfinite=t.on_nonfinite, device=cfg.device, progress=args.progress, extra_config=extra,
+                 tasks_per_backward=t.tasks_per_backward)
     print(f"trained {result.steps} steps in {result.seconds:.0f} s; run directory: {run_dir}", flush=True)
     if args.no_test or not cfg.data.test_split:
         return 0

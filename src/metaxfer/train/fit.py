@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from metaxfer.atomic import atomic_write_dir
 from metaxfer.errors import ConfigError, NonFiniteLossError
 from metaxfer.evaluate.evaluate import EvalResult, evaluate
 from metaxfer.hub import load_weights, write_learner
 from metaxfer.learners.base import Learner
+from metaxfer.tasks.episode import Episode
 from metaxfer.tasks.sampler import EpisodeSampler, EpisodeSet
 from metaxfer.train.checkpoints import Checkpoints
 from metaxfer.train.metrics import MetricsLog, plot_learning_curve
@@ -53,6 +55,50 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def forward_backward(learner: Learner, batch: Episode, tasks_per_backward: int | None = None) -> tuple[Tensor, str, dict[str, float]]:
+    """``learner.loss(batch).backward()``, optionally in chunks of tasks (gradient accumulation).
+
+    With ``tasks_per_backward = c`` the meta-batch of ``T`` tasks is split into
+    chunks of at most ``c`` tasks; each chunk's mean loss, weighted by its share
+    of the tasks, is backpropagated before the next chunk runs. The summed
+    gradient equals that of the mean over all ``T`` tasks, while only one
+    chunk's graph is alive at a time: peak memory is that of ``c`` tasks
+    (second-order MAML keeps every task's activations and inner-loop graph
+    until ``backward``).
+
+    Args:
+        learner: computes ``loss(batch)`` on an episode with ``[T, ...]`` tensors.
+        batch: the meta-batch.
+        tasks_per_backward: tasks per chunk; ``None`` does one pass.
+
+    Returns:
+        ``(loss, detail, metrics)``: the detached mean loss over the tasks (NaN
+        if a chunk's loss was not finite, in which case no further chunk runs
+        and the caller must discard the gradients), the learner's own message
+        when it raised :class:`NonFiniteLossError` (else ``""``), and the
+        learner's ``last_metrics`` averaged over chunks, weighted by tasks.
+    """
+    tasks = batch.num_tasks
+    chunk = tasks if not tasks_per_backward else min(tasks_per_backward, tasks)
+    total = torch.zeros(())
+    sums: dict[str, float] = {}
+    for start in range(0, tasks, chunk):
+        part = batch if chunk == tasks else Episode(*(t[start:start + chunk] for t in batch))
+        share = part.num_tasks / tasks
+        try:
+            loss = learner.loss(part)
+        except NonFiniteLossError as e:  # raised inside the learner, e.g. by an inner loop (names task and step)
+            offset = f" (tasks {start}..{start + part.num_tasks - 1} of the meta-batch)" if chunk < tasks else ""
+            return torch.tensor(float("nan")), f" ({e}{offset})", {}
+        if not torch.isfinite(loss):
+            return loss.detach().cpu(), "", {}
+        (loss * share).backward()
+        total = total + loss.detach().cpu() * share
+        for key, value in (getattr(learner, "last_metrics", None) or {}).items():
+            sums[key] = sums.get(key, 0.0) + float(value) * share
+    return total, "", sums
+
+
 def fit(
     learner: Learner,
     sampler: EpisodeSampler,
@@ -72,6 +118,7 @@ def fit(
     log_every: int = 10,
     progress: bool | None = None,
     extra_config: dict[str, Any] | None = None,
+    tasks_per_backward: int | None = None,
 ) -> FitResult:
     """Meta-train ``learner`` on episodes from ``sampler``.
 
@@ -109,6 +156,9 @@ def fit(
         log_every: record training metrics every this many steps.
         progress: progress bar; default: only when stderr is a terminal.
         extra_config: JSON-ready fields stored in each checkpoint's ``config.json``.
+        tasks_per_backward: backpropagate the meta-batch in chunks of this many
+            tasks (same gradient, peak memory of one chunk; see
+            :func:`forward_backward`); ``None`` does one pass.
 
     Returns:
         :class:`FitResult` with the metric history and best validation result.
@@ -120,6 +170,8 @@ def fit(
         raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
     if steps < 0 or tasks_per_step <= 0 or val_every <= 0 or checkpoint_every <= 0 or log_every <= 0:
         raise ConfigError("steps must be >= 0 and tasks_per_step, val_every, checkpoint_every, log_every > 0")
+    if tasks_per_backward is not None and tasks_per_backward <= 0:
+        raise ConfigError(f"tasks_per_backward must be a positive number of tasks or None, got {tasks_per_backward}")
     learner.to(device)
     run_path = Path(run_dir) if run_dir is not None else None
     ckpts = Checkpoints(run_path) if run_path is not None else None
@@ -191,13 +243,10 @@ def fit(
         for step in range(start + 1, steps + 1):
             learner.train()
             batch = sampler.sample_batch(tasks_per_step).to(device)
-            detail = ""
-            try:
-                loss = learner.loss(batch)
-            except NonFiniteLossError as e:  # raised inside the learner, e.g. by an inner loop (names task and step)
-                loss, detail = torch.tensor(float("nan")), f" ({e})"
             optimizer.zero_grad(set_to_none=True)
+            loss, detail, metrics = forward_backward(learner, batch, tasks_per_backward)
             if not torch.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)  # drop what earlier chunks accumulated
                 if on_nonfinite == "stop":
                     where = f"; the last good checkpoint is {ckpts.pointer('latest')}" if ckpts and ckpts.pointer("latest") else ""
                     raise NonFiniteLossError(
@@ -208,7 +257,6 @@ def fit(
                               stacklevel=2)
                 skipped.append(step)
             else:
-                loss.backward()
                 if grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(learner.parameters(), grad_clip)
                 optimizer.step()
@@ -216,7 +264,6 @@ def fit(
                 scheduler.step()
             record: dict[str, Any] | None = None
             if step % log_every == 0 or step == steps:
-                metrics = getattr(learner, "last_metrics", {}) or {}
                 record = {"step": step, "loss": loss.item(), "accuracy": metrics.get("accuracy"),
                           "lr": optimizer.param_groups[0]["lr"], "seconds": elapsed()}
                 bar.set_postfix(loss=f"{loss.item():.4f}")
