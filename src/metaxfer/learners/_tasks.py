@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from metaxfer.errors import ConfigError
 from metaxfer.functional.inner_loop import Params
 from metaxfer.learners.gradient import _forward
+from metaxfer.learners.gradient import query_outputs as _query_outputs
 from metaxfer.tasks.episode import Episode
 
 
@@ -40,14 +41,11 @@ def split_params(model: nn.Module, detach: bool) -> tuple[Params, Params]:
 def query_outputs(model: nn.Module, params: Params, support_x: Tensor, query_x: Tensor, transductive: bool) -> Tensor:
     """Outputs ``[Q, ...]`` of ``model`` with ``params`` on ``query_x [Q, *x_shape]``.
 
-    BatchNorm uses the statistics of ``support_x [S, *x_shape]`` (one pass over
-    ``cat([support, query])``, non-transductive), or of the query batch itself
-    when ``transductive``.
+    BatchNorm uses the statistics of ``support_x [S, *x_shape]`` (non-transductive),
+    or of the query batch itself when ``transductive``: MAML's policy, see
+    :func:`metaxfer.learners.gradient.query_outputs`.
     """
-    if transductive:
-        return _forward(model, params, query_x, None)
-    s = support_x.shape[0]
-    return _forward(model, params, torch.cat([support_x, query_x]), s)[s:]
+    return _query_outputs(model, params, support_x, query_x, transductive)
 
 
 def map_tasks(fn: Callable[..., Any], shared: tuple[Any, ...], batch: Episode, vectorize: bool,

@@ -6,7 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from metaxfer.errors import ConfigError
-from metaxfer.functional.inner_loop import InnerLoopResult, LearningRate, Params, inner_loop
+from metaxfer.functional.inner_loop import (
+    InnerLoopResult,
+    LearningRate,
+    Params,
+    inner_loop,
+    support_then_query,
+    without_running_stats,
+)
 from metaxfer.learners.gradient import MAML, AdaptedPredictor, _forward, loss_by_name
 from metaxfer.learners.registry import register_learner
 
@@ -76,7 +83,11 @@ class ANIL(MAML):
         body = _sub(fixed, "body")
         if self.transductive:
             return torch.cat([_forward(self.model.body, body, support_x, None), _forward(self.model.body, body, query_x, None)])
-        return _forward(self.model.body, body, torch.cat([support_x, query_x]), support_x.shape[0])
+
+        def call(x: Tensor) -> Tensor:
+            return torch.func.functional_call(self.model.body, (body, without_running_stats(self.model.body)), (x,), strict=False)
+
+        return torch.cat(support_then_query(call, support_x, query_x))
 
     def _adapt_head(
         self, params: Params, fixed: Params, support_f: Tensor, support_y: Tensor, steps: int, lr: LearningRate | list[LearningRate]

@@ -23,6 +23,7 @@ from metaxfer.functional.inner_loop import (
     SupportLoss,
     inner_loop,
     support_batch_norm,
+    support_then_query,
     without_running_stats,
 )
 from metaxfer.learners.base import Learner
@@ -42,6 +43,25 @@ def _forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, num_supp
     """
     with support_batch_norm(num_support):
         return torch.func.functional_call(model, (dict(params), without_running_stats(model)), (x,), strict=False)
+
+
+def query_outputs(model: nn.Module, params: Mapping[str, Tensor], support_x: Tensor, query_x: Tensor,
+                  transductive: bool = False) -> Tensor:
+    """Outputs ``[Q, ...]`` of ``model`` with ``params`` on ``query_x [Q, *x_shape]`` under the BatchNorm policy.
+
+    Non-transductive (default): every BatchNorm normalises the queries with the
+    statistics the support ``[S, *x_shape]`` has at that layer
+    (:func:`metaxfer.functional.support_then_query`), so a query's output does
+    not depend on the other queries. ``transductive``: the query batch's own
+    statistics.
+    """
+    if transductive:
+        return _forward(model, params, query_x, None)
+
+    def call(x: Tensor) -> Tensor:
+        return torch.func.functional_call(model, (dict(params), without_running_stats(model)), (x,), strict=False)
+
+    return support_then_query(call, support_x, query_x)[1]
 
 
 class AdaptedPredictor:
@@ -73,13 +93,9 @@ class AdaptedPredictor:
     @torch.no_grad()
     def __call__(self, query_x: Tensor) -> Tensor:
         """``query_x [Q, *x_shape] -> logits [Q, ways]``."""
-        if self.support_x is None:
-            return _forward(self.model, self.params, query_x, None)
-        s = self.support_x.shape[0]
-        # One pass over [support; query] with support statistics: each query row is
-        # normalised exactly like the support was during adaptation, independently
-        # of the other queries.
-        return _forward(self.model, self.params, torch.cat([self.support_x, query_x]), s)[s:]
+        # Support statistics: each query row is normalised exactly like the support was
+        # during adaptation, independently of the other queries.
+        return query_outputs(self.model, self.params, self.support_x, query_x, transductive=self.support_x is None)
 
 
 class MAML(Learner):
@@ -300,10 +316,7 @@ class MAML(Learner):
 
     def _query_outputs(self, params: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
         """Outputs ``[Q, ...]`` on the query with ``params`` under the BatchNorm policy."""
-        if self.transductive:
-            return _forward(self.model, params, query_x, None)
-        s = support_x.shape[0]
-        return _forward(self.model, params, torch.cat([support_x, query_x]), s)[s:]
+        return query_outputs(self.model, params, support_x, query_x, self.transductive)
 
     def _task_loss(
         self,
