@@ -55,7 +55,8 @@ import metaxfer.runtime  # noqa: E402
 from metaxfer.backbones import Conv4  # noqa: E402
 from metaxfer.tasks import Episode  # noqa: E402
 
-VARIANTS = ("metaxfer-vmap", "metaxfer-loop", "learn2learn", "metaxfer-vmap+plain-conv4", "metaxfer-loop+plain-conv4")
+VARIANTS = ("metaxfer-vmap", "metaxfer-loop", "metaxfer-chunked", "learn2learn", "metaxfer-vmap+plain-conv4",
+            "metaxfer-loop+plain-conv4")
 
 
 def make_batch(tasks: int, ways: int, shots: int, queries: int, seed: int) -> Episode:
@@ -75,20 +76,27 @@ def build(variant: str, batch: Episode, args: argparse.Namespace) -> Callable[[]
 
     if variant.startswith("metaxfer"):
         from metaxfer.learners.gradient import MAML
+        from metaxfer.train.fit import forward_backward
 
         if variant.endswith("+plain-conv4"):
             model: torch.nn.Module = C.PlainConv4(num_classes=args.ways, norm="batchnorm_split")
             model.load_state_dict(reference.state_dict())
+        elif args.norm == "batchnorm":
+            # Affine BatchNorm: metaxfer folds its scale and shift into the normalisation (one pass less).
+            model = Conv4(num_classes=args.ways, norm="batchnorm")
+            model.load_state_dict(C.split_to_affine_state(reference.state_dict()))
         else:
             model = reference
         learner = MAML(model, inner_lr=args.inner_lr, inner_steps=args.inner_steps, first_order=False,
                        vectorize=variant.startswith("metaxfer-vmap"))
         opt = torch.optim.Adam(learner.parameters(), args.lr)
+        # metaxfer-chunked: the per-task loop, backpropagated every `tasks_per_backward` tasks (what
+        # `train.tasks_per_backward` does in fit): same gradient, one chunk's graph alive at a time.
+        chunk = args.tasks_per_backward if variant == "metaxfer-chunked" else None
 
         def step() -> float:
             opt.zero_grad(set_to_none=True)
-            loss = learner.loss(batch)
-            loss.backward()
+            loss, _, _ = forward_backward(learner, batch, chunk)
             opt.step()
             return loss.item()
 
@@ -151,6 +159,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--norm", choices=("batchnorm_split", "batchnorm"), default="batchnorm_split",
+                        help="BatchNorm form of metaxfer's Conv4 (learn2learn always gets affine BatchNorm)")
+    parser.add_argument("--tasks-per-backward", type=int, default=1, help="chunk size of the metaxfer-chunked variant")
     parser.add_argument("--variants", default="metaxfer-vmap,metaxfer-loop,learn2learn", help=f"comma-separated, from {VARIANTS}")
     parser.add_argument("--ablation", action="store_true", help="also time metaxfer's MAML on the plain (paper-order, NCHW) Conv4")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
