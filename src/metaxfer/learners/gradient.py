@@ -191,7 +191,7 @@ class MAML(Learner):
 
     Attributes:
         last_metrics: ``{"accuracy": float}`` mean query accuracy after
-            adaptation of the last ``loss`` call (classification only).
+            adaptation of the last ``loss`` call (``{"mse": float}`` for regression).
 
     Example:
         >>> from metaxfer.backbones import Conv4
@@ -405,8 +405,11 @@ class MAML(Learner):
     @staticmethod
     @torch.no_grad()
     def _metrics(outputs: Tensor, targets: Tensor) -> dict[str, float]:
-        """``{"accuracy": ...}`` for classification outputs ``[T, Q, ways]`` and labels ``[T, Q]``; else ``{}``."""
-        if targets.dtype.is_floating_point or outputs.dim() != targets.dim() + 1:
+        """``{"accuracy": ...}`` for classification outputs ``[T, Q, ways]`` and labels ``[T, Q]``,
+        ``{"mse": ...}`` for regression outputs and targets of one shape; else ``{}``."""
+        if targets.dtype.is_floating_point:
+            return {"mse": F.mse_loss(outputs, targets).item()} if outputs.shape == targets.shape else {}
+        if outputs.dim() != targets.dim() + 1:
             return {}
         return {"accuracy": (outputs.argmax(-1) == targets).float().mean().item()}
 

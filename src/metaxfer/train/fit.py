@@ -266,6 +266,8 @@ def fit(
             if step % log_every == 0 or step == steps:
                 record = {"step": step, "loss": loss.item(), "accuracy": metrics.get("accuracy"),
                           "lr": optimizer.param_groups[0]["lr"], "seconds": elapsed()}
+                if "mse" in metrics:  # regression learners report the query MSE after adaptation
+                    record["mse"] = metrics["mse"]
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             is_best = False
             if val_episodes is not None and (step % val_every == 0 or step == steps):

@@ -10,7 +10,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ["step", "loss", "accuracy", "lr", "seconds", "val_accuracy", "val_ci95", "val_mse"]
+COLUMNS = ["step", "loss", "accuracy", "mse", "lr", "seconds", "val_accuracy", "val_ci95", "val_mse"]
 
 
 class MetricsLog:
