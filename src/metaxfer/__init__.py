@@ -14,12 +14,16 @@ from metaxfer.backbones import create as create_backbone
 from metaxfer.build import build_learner
 from metaxfer.evaluate import EvalResult, evaluate
 from metaxfer.hub import list_zoo, load, save
-from metaxfer.learners import MAML, Learner, ProtoNet
+from metaxfer.learners import ANIL, MAML, Learner, LSTMMetaLearner, MetaSGD, ProtoNet, Reptile
 from metaxfer.tasks import Episode, EpisodeSampler
 from metaxfer.train import FitResult, fit
 
 __all__ = [
+    "ANIL",
+    "LSTMMetaLearner",
     "MAML",
+    "MetaSGD",
+    "Reptile",
     "Episode",
     "EpisodeSampler",
     "EvalResult",
