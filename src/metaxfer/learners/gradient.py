@@ -64,6 +64,19 @@ def query_outputs(model: nn.Module, params: Mapping[str, Tensor], support_x: Ten
     return support_then_query(call, support_x, query_x)[1]
 
 
+def support_loss_of(model: nn.Module, loss_fn: LossFn, fixed: Mapping[str, Tensor]) -> SupportLoss:
+    """The inner-loop objective ``(params, x, y) -> loss_fn(model(x), y)`` with ``fixed ∪ params`` as weights.
+
+    BatchNorm normalises ``x`` with its own batch statistics (the support set's),
+    running statistics untouched; every learner of the gradient family adapts on it.
+    """
+
+    def support_loss(p: Params, x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(_forward(model, {**fixed, **p}, x, None), y)
+
+    return support_loss
+
+
 class AdaptedPredictor:
     """A model adapted to one task: ``query_x [Q, *x_shape] -> logits [Q, ways]``.
 
@@ -297,20 +310,12 @@ class MAML(Learner):
         last = rates.shape[0] - 1
         return [{name: rates[min(s, last), i] for i, name in enumerate(self.adapted_names)} for s in range(steps)]
 
-    def _support_loss(self, fixed: Params) -> SupportLoss:
-        """``(adapted params, x, y) -> loss`` of the whole model with BatchNorm on ``x``'s own statistics."""
-
-        def support_loss(p: Params, x: Tensor, y: Tensor) -> Tensor:
-            return self.loss_fn(_forward(self.model, {**fixed, **p}, x, None), y)
-
-        return support_loss
-
     def _adapt_params(
         self, params: Params, fixed: Params, support_x: Tensor, support_y: Tensor, steps: int, lr: LearningRate | list[LearningRate]
     ) -> InnerLoopResult:
         """Run the shared inner loop on one task: (adapted parameters, support losses ``[steps]``)."""
         return inner_loop(  # type: ignore[return-value]
-            self._support_loss(fixed), params, support_x, support_y, lr, steps, self.first_order,
+            support_loss_of(self.model, self.loss_fn, fixed), params, support_x, support_y, lr, steps, self.first_order,
             grad_clip=self.inner_grad_clip, return_losses=True,
         )
 

@@ -27,7 +27,7 @@ from metaxfer.learners._tasks import (
     stack_results,
 )
 from metaxfer.learners.base import Learner
-from metaxfer.learners.gradient import AdaptedPredictor, LossFn, _forward, loss_by_name
+from metaxfer.learners.gradient import AdaptedPredictor, LossFn, loss_by_name, support_loss_of
 from metaxfer.learners.registry import register_learner
 from metaxfer.tasks.episode import Episode
 
@@ -255,10 +255,7 @@ class LSTMMetaLearner(Learner):
     def _adapt_params(self, params: Params, frozen: Params, support_x: Tensor, support_y: Tensor, steps: int) -> Params:
         """``steps`` learned updates from ``params`` (= ``c_0``) on one task's support set."""
 
-        def support_loss(p: Params, x: Tensor, y: Tensor) -> Tensor:
-            return self.loss_fn(_forward(self.model, {**frozen, **p}, x, None), y)
-
-        return inner_loop(support_loss, params, support_x, support_y, None, steps, first_order=True,  # type: ignore[return-value]
+        return inner_loop(support_loss_of(self.model, self.loss_fn, frozen), params, support_x, support_y, None, steps, first_order=True,  # type: ignore[return-value]
                           update=self.meta_optimizer)
 
     def _task_loss(

@@ -26,7 +26,7 @@ from metaxfer.learners._tasks import (
     stack_results,
 )
 from metaxfer.learners.base import Learner
-from metaxfer.learners.gradient import AdaptedPredictor, LossFn, _forward, loss_by_name
+from metaxfer.learners.gradient import AdaptedPredictor, LossFn, loss_by_name, support_loss_of
 from metaxfer.learners.registry import register_learner
 from metaxfer.tasks.episode import Episode
 
@@ -181,11 +181,8 @@ class Reptile(Learner):
     def _adapt_params(self, params: Params, frozen: Params, x: Tensor, y: Tensor, steps: int) -> Params:
         """``steps`` inner steps on ``(x [N, *x_shape], y [N])`` from ``params``; the adapted params."""
 
-        def inner_loss(p: Params, xs: Tensor, ys: Tensor) -> Tensor:
-            return self.loss_fn(_forward(self.model, {**frozen, **p}, xs, None), ys)
-
         lr = None if self._update is not None else self.inner_lr
-        return inner_loop(inner_loss, params, x, y, lr, steps, first_order=True, update=self._update)  # type: ignore[return-value]
+        return inner_loop(support_loss_of(self.model, self.loss_fn, frozen), params, x, y, lr, steps, first_order=True, update=self._update)  # type: ignore[return-value]
 
     def _task(
         self, params: Params, frozen: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
