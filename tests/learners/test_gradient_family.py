@@ -284,3 +284,18 @@ def test_presets_build_and_round_trip_through_save_and_load(preset: str, tmp_pat
     task = batch.task(0)
     torch.testing.assert_close(loaded.adapt(task.support_x, task.support_y)(task.query_x),
                                learner.adapt(task.support_x, task.support_y)(task.query_x))
+
+
+def test_default_vectorize_picks_the_loop_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = cluster_batch()
+    auto = MAML(BodyHead(body(), head()), inner_lr=0.3)
+    reference = MAML(auto.model, inner_lr=0.3, vectorize=False).loss(batch)
+    assert auto.vectorize is None and "vectorize=auto" in repr(auto)
+
+    def no_vmap(*args: object, **kwargs: object) -> None:
+        raise AssertionError("vmap used on CPU by default")
+
+    monkeypatch.setattr(torch.func, "vmap", no_vmap)
+    torch.testing.assert_close(auto.loss(batch), reference)
+    with pytest.raises(AssertionError, match="vmap used"):
+        MAML(auto.model, inner_lr=0.3, vectorize=True).loss(batch)

@@ -80,7 +80,7 @@ def test_second_order_maml_memory_is_flat_over_2000_meta_iterations() -> None:
     try:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(DIM, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, WAYS))
-        learner = MAML(model, inner_lr=0.4, inner_steps=2, first_order=False)
+        learner = MAML(model, inner_lr=0.4, inner_steps=2, first_order=False, vectorize=True)
         optimiser = torch.optim.Adam(learner.parameters(), lr=1e-3)
         data = batches(16)
 
