@@ -19,7 +19,7 @@ def test_omniglot_is_registered(fake_root: Path) -> None:
 
 def test_unknown_dataset_lists_the_registered_ones() -> None:
     with pytest.raises(ConfigError, match="omniglot"):
-        create_dataset("mnist", split="train")
+        create_dataset("no_such_dataset", split="train")  # (mnist is registered now)
 
 
 def test_resolve_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,8 @@
 """Backbones and their registry."""
 
 from metaxfer.backbones.conv4 import ChannelAffine, Conv4
+from metaxfer.backbones.convert import load_state_dict_mapped
+from metaxfer.backbones.efficientnet_lite import EfficientNetLite
 from metaxfer.backbones.mlp import MLP
 from metaxfer.backbones.registry import (
     BACKBONES,
@@ -8,5 +10,9 @@ from metaxfer.backbones.registry import (
     list_backbones,
     register_backbone,
 )
+from metaxfer.backbones.resnet import ResNet12, ResNet18
 
-__all__ = ["BACKBONES", "MLP", "ChannelAffine", "Conv4", "create", "list_backbones", "register_backbone"]
+__all__ = [
+    "BACKBONES", "MLP", "ChannelAffine", "Conv4", "EfficientNetLite", "ResNet12", "ResNet18", "create",
+    "list_backbones", "load_state_dict_mapped", "register_backbone",
+]

@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list packaged pretrained models")
     p.set_defaults(func=cmd_models)
+
+    from metaxfer.cli.predict import add_predict_parser
+
+    add_predict_parser(sub)  # metaxfer predict --model --support --query [--out]
     return parser
 
 

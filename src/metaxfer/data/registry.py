@@ -54,3 +54,37 @@ def _sinusoid(split: str = "train", **kwargs: Any) -> Any:
 
     kwargs.pop("root", None)  # generated on the fly: no data folder
     return SinusoidTasks(split=split, **kwargs)
+
+
+@register_dataset("image_folder")
+def _image_folder(split: str = "train", root: Any = None, **kwargs: Any) -> Any:
+    """A user's labelled folder ``root/CLASS_NAME/*.png`` (:class:`~metaxfer.data.image_folder.ImageFolder`).
+    When ``root/<split>`` is a folder (``root/train/CLASS/...``, ``root/test/CLASS/...``) that is the split;
+    otherwise ``root`` itself is used for every split."""
+    from pathlib import Path
+
+    from metaxfer.data.image_folder import ImageFolder
+    from metaxfer.errors import DataError
+
+    if root is None:
+        raise DataError("the image_folder dataset needs root= (data.root: the folder with one sub-folder per class)")
+    folder = Path(root).expanduser()
+    if (folder / split).is_dir():
+        folder = folder / split
+    return ImageFolder(folder, split=split, **kwargs)
+
+
+@register_dataset("fashion_mnist")
+def _fashion_mnist(split: str = "train", **kwargs: Any) -> Any:
+    """Fashion-MNIST from its IDX files (``root``, ``$METAXFER_DATA/fashion_mnist`` or the Debian package)."""
+    from metaxfer.data.idx import FashionMNIST
+
+    return FashionMNIST(split=split, **kwargs)
+
+
+@register_dataset("mnist")
+def _mnist(split: str = "train", **kwargs: Any) -> Any:
+    """MNIST from its IDX files (``root`` or ``$METAXFER_DATA/mnist``)."""
+    from metaxfer.data.idx import MNIST
+
+    return MNIST(split=split, **kwargs)
