@@ -1,5 +1,6 @@
 """Few-shot learners keeping the contract in :mod:`metaxfer.learners.base`."""
 
+from metaxfer.learners import matching, metaoptnet, relation  # noqa: F401  (registers these learners)
 from metaxfer.learners.anil import ANIL
 from metaxfer.learners.base import Learner, Predictor
 from metaxfer.learners.gradient import MAML
