@@ -20,7 +20,6 @@ query-support kernel.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -162,7 +161,3 @@ def crammer_singer_svm(kernel: Tensor, onehot: Tensor, c: float = 0.1, iteration
                     break
     return alpha
 
-
-def one_hot(labels: Tensor, ways: int, dtype: torch.dtype) -> Tensor:
-    """``[..., S]`` integer labels -> ``[..., S, ways]`` one-hot of ``dtype``."""
-    return F.one_hot(labels, ways).to(dtype)
