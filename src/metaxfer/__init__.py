@@ -14,7 +14,18 @@ from metaxfer.backbones import create as create_backbone
 from metaxfer.build import build_learner
 from metaxfer.evaluate import EvalResult, evaluate
 from metaxfer.hub import list_zoo, load, save
-from metaxfer.learners import ANIL, MAML, Learner, LSTMMetaLearner, MetaSGD, ProtoNet, Reptile
+from metaxfer.learners import (
+    ANIL,
+    MAML,
+    Learner,
+    LSTMMetaLearner,
+    MatchingNet,
+    MetaOptNet,
+    MetaSGD,
+    ProtoNet,
+    RelationNet,
+    Reptile,
+)
 from metaxfer.tasks import Episode, EpisodeSampler
 from metaxfer.train import FitResult, fit
 
@@ -22,6 +33,8 @@ __all__ = [
     "ANIL",
     "LSTMMetaLearner",
     "MAML",
+    "MatchingNet",
+    "MetaOptNet",
     "MetaSGD",
     "Reptile",
     "Episode",
@@ -30,6 +43,7 @@ __all__ = [
     "FitResult",
     "Learner",
     "ProtoNet",
+    "RelationNet",
     "__version__",
     "build_learner",
     "create_backbone",

@@ -61,3 +61,16 @@ def test_protonet_learns_gaussian_clusters(clusters, small_conv4):
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert 0.0 <= learner.last_metrics["accuracy"] <= 1.0
+
+
+def test_learner_rejects_a_support_set_missing_a_class():
+    from metaxfer.errors import EpisodeError
+    from metaxfer.tasks.episode import Episode
+
+    learner = ProtoNet(torch.nn.Linear(4, 3))
+    support_y = torch.tensor([[0, 0, 2]])  # class 1 has no support example
+    batch = Episode(torch.randn(1, 3, 4), support_y, torch.randn(1, 3, 4), torch.tensor([[0, 1, 2]]))
+    with pytest.raises(EpisodeError, match=r"no example of class\(es\) \[1\]"):
+        learner.loss(batch)
+    with pytest.raises(EpisodeError, match=r"no example of class\(es\) \[1\]"):
+        learner.adapt(torch.randn(3, 4), torch.tensor([0, 2, 2]))

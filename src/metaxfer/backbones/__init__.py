@@ -10,9 +10,10 @@ from metaxfer.backbones.registry import (
     list_backbones,
     register_backbone,
 )
+from metaxfer.backbones.relation_conv4 import RelationConv4
 from metaxfer.backbones.resnet import ResNet12, ResNet18
 
 __all__ = [
-    "BACKBONES", "MLP", "ChannelAffine", "Conv4", "EfficientNetLite", "ResNet12", "ResNet18", "create",
+    "BACKBONES", "MLP", "ChannelAffine", "Conv4", "EfficientNetLite", "RelationConv4", "ResNet12", "ResNet18", "create",
     "list_backbones", "load_state_dict_mapped", "register_backbone",
 ]

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from metaxfer.functional.distances import prototypes, squared_euclidean
 from metaxfer.learners.base import Learner
 from metaxfer.learners.registry import register_learner
+from metaxfer.learners.support import EvalModule, check_support_classes, episode_ways
 from metaxfer.tasks.episode import Episode
 
 
@@ -67,6 +68,7 @@ class ProtoNet(Learner):
     def loss(self, batch: Episode) -> Tensor:
         """Mean query cross-entropy over the tasks of ``batch`` (``[T, ...]`` tensors)."""
         batch = batch.batch()
+        episode_ways(batch)  # a class without support examples would give a NaN prototype: say so instead
         losses, correct = [], 0.0
         # Tasks run one at a time so BatchNorm statistics stay per task (as in the paper).
         for t in range(batch.num_tasks):
@@ -79,28 +81,14 @@ class ProtoNet(Learner):
     @torch.no_grad()
     def adapt(self, support_x: Tensor, support_y: Tensor) -> PrototypePredictor:
         """Compute the prototypes of one task's support set (no parameters change)."""
+        check_support_classes(support_y)
         was_training = self.backbone.training
         self.backbone.eval()
         try:
             protos = prototypes(self.backbone(support_x), support_y)
         finally:
             self.backbone.train(was_training)
-        return PrototypePredictor(_EvalModule(self.backbone), protos)
-
-
-class _EvalModule:
-    """Calls ``module`` in eval mode and restores its previous mode (a predictor must not depend on the learner's mode)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __call__(self, x: Tensor) -> Tensor:
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            return self.module(x)
-        finally:
-            self.module.train(was_training)
+        return PrototypePredictor(EvalModule(self.backbone), protos)
 
 
 @register_learner("protonet")
