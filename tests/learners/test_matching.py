@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import metaxfer
-from metaxfer.errors import EpisodeError
+from metaxfer.errors import ConfigError, EpisodeError
 from metaxfer.learners.matching import MatchingNet, matching_log_probs
 from metaxfer.tasks import Episode, EpisodeSampler
 
@@ -124,3 +124,21 @@ def test_build_from_config_and_save_load(tmp_path, clusters):
     a = learner.adapt(ep.support_x, ep.support_y)(ep.query_x)
     b = loaded.adapt(ep.support_x, ep.support_y)(ep.query_x)
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_scale_sharpens_the_attention_and_can_be_learned(clusters):
+    batch = EpisodeSampler(clusters, 5, 1, 2, seed=0).sample_batch(2)
+    torch.manual_seed(0)
+    plain = MatchingNet(mlp())
+    torch.manual_seed(0)
+    sharp = MatchingNet(mlp(), scale=10.0, learn_scale=True)
+    zs, zq = torch.randn(1, 5, 8), torch.randn(1, 3, 8)
+    y = torch.arange(5)[None]
+    p1 = plain.task_logits(zs, y, zq, 5).exp().max(-1).values
+    p10 = sharp.task_logits(zs, y, zq, 5).exp().max(-1).values
+    assert (p10 > p1).all()  # a larger scale puts more attention mass on the best class
+    sharp.loss(batch).backward()
+    assert sharp.scale.grad is not None and sharp.scale.grad.abs() > 0
+    assert "scale" not in dict(plain.named_parameters()) and "scale" in plain.state_dict()
+    with pytest.raises(ConfigError, match="scale must be > 0"):
+        MatchingNet(mlp(), scale=0.0)

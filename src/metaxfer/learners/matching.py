@@ -20,10 +20,12 @@ from metaxfer.tasks.episode import Episode
 __all__ = ["FullContextEmbedding", "MatchingNet", "MatchingPredictor", "matching", "matching_log_probs"]
 
 
-def matching_log_probs(query: Tensor, support: Tensor, support_y: Tensor, ways: int) -> Tensor:
+def matching_log_probs(query: Tensor, support: Tensor, support_y: Tensor, ways: int,
+                       scale: Tensor | float = 1.0) -> Tensor:
     """Log class probabilities of the cosine-attention classifier (Vinyals et al. 2016, eqs. 1-2).
 
-    ``a(q, x_i) = softmax_i(cos(f(q), g(x_i)))`` and ``P(y = k | q) = sum_{i: y_i = k} a(q, x_i)``.
+    ``a(q, x_i) = softmax_i(scale * cos(f(q), g(x_i)))`` and ``P(y = k | q) = sum_{i: y_i = k} a(q, x_i)``
+    (``scale = 1`` is the paper's kernel).
     Computed as ``logsumexp_{i: y_i = k} c_i - logsumexp_i c_i`` (``c_i`` the cosines),
     which is the log of that sum without the ``log(0)`` of an underflowing
     attention weight.
@@ -33,11 +35,12 @@ def matching_log_probs(query: Tensor, support: Tensor, support_y: Tensor, ways: 
         support: ``[..., S, D]`` support embeddings ``g``.
         support_y: ``[..., S]`` labels in ``0 .. ways-1``.
         ways: number of classes.
+        scale: multiplies the cosines before the softmax (a float or a scalar tensor).
 
     Returns:
         ``[..., Q, ways]`` log-probabilities (logits whose softmax is the attention mass of each class).
     """
-    cos = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(-1, -2)  # [..., Q, S]
+    cos = scale * (F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(-1, -2))  # [..., Q, S]
     member = F.one_hot(support_y, ways).transpose(-1, -2).bool().unsqueeze(-3)  # [..., 1, ways, S]
     per_class = cos.unsqueeze(-2).masked_fill(~member, float("-inf"))  # [..., Q, ways, S]
     return torch.logsumexp(per_class, -1) - torch.logsumexp(cos, -1, keepdim=True)
@@ -95,8 +98,9 @@ class MatchingPredictor:
     """Adapted Matching Network for one task: log class probabilities of each query."""
 
     def __init__(self, backbone: nn.Module, fce: FullContextEmbedding | None, support: Tensor, support_y: Tensor,
-                 ways: int) -> None:
+                 ways: int, scale: float = 1.0) -> None:
         self.backbone = EvalModule(backbone)
+        self.scale = scale
         self.fce = fce
         self.support = support  # [1, S, D] final support embeddings g, detached
         self.support_y = support_y  # [1, S]
@@ -108,7 +112,7 @@ class MatchingPredictor:
         f = self.backbone(query_x).unsqueeze(0)
         if self.fce is not None:
             f = self.fce.embed_query(f, self.support)  # the LSTMs have no dropout: no train/eval difference
-        return matching_log_probs(f, self.support, self.support_y, self.ways)[0]
+        return matching_log_probs(f, self.support, self.support_y, self.ways, self.scale)[0]
 
 
 class MatchingNet(Learner):
@@ -132,6 +136,13 @@ class MatchingNet(Learner):
         fce: use Full Context Embeddings.
         feature_dim: ``D``, needed by FCE; read from ``backbone.out_features`` when omitted.
         processing_steps: FCE's ``K`` (the paper does not state it for its experiments; 5 here).
+        scale: multiplies the cosines inside the attention softmax. The paper's
+            kernel is ``scale = 1``; with non-negative features (a ReLU last,
+            as in Conv4) the cosines then lie in [0, 1] and the attention can
+            barely prefer one support example (5-way 1-shot loss >= ~0.43),
+            which slows training. A larger scale sharpens it (metric scaling,
+            Oreshkin et al. 2018, "TADAM").
+        learn_scale: meta-learn ``scale`` (initialised to ``scale``).
 
     Shapes:
         ``loss(batch)``: ``support_x [T, ways*shots, *x_shape]``, ``query_x [T, ways*queries, *x_shape]``.
@@ -151,9 +162,16 @@ class MatchingNet(Learner):
     """
 
     def __init__(self, backbone: nn.Module, fce: bool = False, feature_dim: int | None = None,
-                 processing_steps: int = 5) -> None:
+                 processing_steps: int = 5, scale: float = 1.0, learn_scale: bool = False) -> None:
         super().__init__()
+        if scale <= 0:
+            raise ConfigError(f"scale must be > 0 (it multiplies the cosine similarities), got {scale}")
         self.backbone = backbone
+        # A buffer when fixed, so optimisers never see it; the state_dict key is "scale" either way.
+        if learn_scale:
+            self.scale = nn.Parameter(torch.tensor(float(scale)))
+        else:
+            self.register_buffer("scale", torch.tensor(float(scale)))
         self.fce: FullContextEmbedding | None = None
         if fce:
             dim = feature_dim if feature_dim is not None else getattr(backbone, "out_features", None)
@@ -178,7 +196,7 @@ class MatchingNet(Learner):
         if self.fce is not None:
             support = self.fce.embed_support(support)
             query = self.fce.embed_query(query, support)
-        return matching_log_probs(query, support, support_y, ways)
+        return matching_log_probs(query, support, support_y, ways, self.scale)
 
     def loss(self, batch: Episode) -> Tensor:
         """Mean query cross-entropy over the tasks of ``batch`` (``[T, ...]`` tensors)."""
@@ -199,11 +217,12 @@ class MatchingNet(Learner):
         self._check_width(g)
         if self.fce is not None:
             g = self.fce.embed_support(g)
-        return MatchingPredictor(self.backbone, self.fce, g, support_y.unsqueeze(0), ways)
+        return MatchingPredictor(self.backbone, self.fce, g, support_y.unsqueeze(0), ways, float(self.scale))
 
 
 @register_learner("matching")
 def matching(backbone: nn.Module, fce: bool = False, feature_dim: int | None = None,
-             processing_steps: int = 5) -> MatchingNet:
+             processing_steps: int = 5, scale: float = 1.0, learn_scale: bool = False) -> MatchingNet:
     """Matching Networks around ``backbone`` (see :class:`MatchingNet`)."""
-    return MatchingNet(backbone, fce=fce, feature_dim=feature_dim, processing_steps=processing_steps)
+    return MatchingNet(backbone, fce=fce, feature_dim=feature_dim, processing_steps=processing_steps, scale=scale,
+                       learn_scale=learn_scale)
