@@ -65,14 +65,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import _common as C
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-import _common as C  # noqa: E402
-from metaxfer.backbones import Conv4  # noqa: E402
-from metaxfer.learners.gradient import MAML  # noqa: E402
-from metaxfer.tasks import Episode  # noqa: E402
+from metaxfer.backbones import Conv4
+from metaxfer.learners.gradient import MAML
+from metaxfer.tasks import Episode
 
 Grads = dict[str, Tensor]
 NORMS = ("batchnorm", "batchnorm_split", "none")

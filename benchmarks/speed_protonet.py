@@ -23,8 +23,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # Before `import torch`: libgomp reads this once, when torch loads it. With the default (ACTIVE)
 # policy, idle OpenMP threads spin, and on a machine whose cores are shared with other work a
@@ -34,14 +35,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import _common as C
+import torch
+import torch.nn.functional as F
 
-import _common as C  # noqa: E402
-import metaxfer.runtime  # noqa: E402
-from metaxfer.backbones import Conv4  # noqa: E402
-from metaxfer.learners import ProtoNet  # noqa: E402
-from metaxfer.tasks import Episode  # noqa: E402
+import metaxfer.runtime
+from metaxfer.backbones import Conv4
+from metaxfer.learners import ProtoNet
+from metaxfer.tasks import Episode
 
 VARIANTS = ("metaxfer", "easyfsl", "metaxfer+plain-conv4")
 

@@ -4,7 +4,7 @@ import platform
 
 import pytest
 
-import metaxfer.runtime as runtime
+from metaxfer import runtime
 
 
 @pytest.fixture

@@ -187,7 +187,7 @@ def test_inner_loop_per_step_rates_and_custom_update_rule() -> None:
 
     calls = []
 
-    def halve(p, g, value, step, state):  # noqa: ANN001, ANN202 - the UpdateRule protocol
+    def halve(p, g, value, step, state):
         calls.append((step, state))
         return {k: v - 0.05 * g[k] for k, v in p.items()}, step
 
@@ -265,7 +265,7 @@ def test_nan_in_the_inner_loop_names_task_and_step(vectorize: bool) -> None:
 
 
 @pytest.mark.parametrize("preset", ["omniglot/fomaml_5w1s", "omniglot/anil_5w1s", "omniglot/meta_sgd_5w1s"])
-def test_presets_build_and_round_trip_through_save_and_load(preset: str, tmp_path) -> None:  # noqa: ANN001
+def test_presets_build_and_round_trip_through_save_and_load(preset: str, tmp_path) -> None:
     import metaxfer
     from metaxfer.config import load_config
 

@@ -185,7 +185,7 @@ class ImagePreprocess:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ImagePreprocess":
+    def from_dict(cls, data: dict[str, Any]) -> ImagePreprocess:
         """Inverse of :meth:`to_dict`.
 
         Raises:

@@ -70,7 +70,7 @@ DEFAULT_ROTATIONS = {"vinyals": (0, 90, 180, 270), "lake": (0,)}
 #: Characters per split of the vinyals protocol on the full data (1028 + 172 + 423 = 1623).
 VINYALS_SIZES = {"train": 1028, "val": 172, "test": 423}
 
-SplitFiles = Union[str, os.PathLike, Mapping[str, Union[str, os.PathLike, Sequence[str]]]]
+SplitFiles = Union[str, os.PathLike, Mapping[str, str | os.PathLike | Sequence[str]]]
 
 _HOW_TO_GET = (
     "pass root= (the folder holding images_background.zip and images_evaluation.zip), "
@@ -104,7 +104,7 @@ class DecodedZip:
 # ---------------------------------------------------------------- hashing and in-process memo
 
 _SHA_MEMO: dict[tuple[str, int, int, int], str] = {}
-_DECODED_MEMO: "OrderedDict[tuple[str, str], DecodedZip]" = OrderedDict()
+_DECODED_MEMO: OrderedDict[tuple[str, str], DecodedZip] = OrderedDict()
 _DECODED_MEMO_SIZE = 4  # two zips x two image sizes; 28 px is ~25 MB for both zips
 
 

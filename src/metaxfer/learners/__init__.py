@@ -15,8 +15,8 @@ from metaxfer.learners.reptile import Reptile
 __all__ = [
     "ANIL",
     "LEARNERS",
-    "LSTMMetaLearner",
     "MAML",
+    "LSTMMetaLearner",
     "Learner",
     "MatchingNet",
     "MetaOptNet",

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from metaxfer.errors import ConfigError
 from metaxfer.functional.inner_loop import Params
-from metaxfer.learners.gradient import _forward
 from metaxfer.learners.gradient import query_outputs as _query_outputs
 from metaxfer.tasks.episode import Episode
 

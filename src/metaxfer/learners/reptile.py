@@ -26,7 +26,12 @@ from metaxfer.learners._tasks import (
     stack_results,
 )
 from metaxfer.learners.base import Learner
-from metaxfer.learners.gradient import AdaptedPredictor, LossFn, loss_by_name, support_loss_of
+from metaxfer.learners.gradient import (
+    AdaptedPredictor,
+    LossFn,
+    loss_by_name,
+    support_loss_of,
+)
 from metaxfer.learners.registry import register_learner
 from metaxfer.tasks.episode import Episode
 

@@ -52,17 +52,17 @@ class Episode(NamedTuple):
         y = self.support_y[0] if self.is_batched else self.support_y
         return int(y.max().item()) + 1 if y.numel() else 0
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Episode":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Episode:
         """Move every tensor to ``device``."""
         return Episode(*(t.to(device, non_blocking=non_blocking) for t in self))
 
-    def task(self, i: int) -> "Episode":
+    def task(self, i: int) -> Episode:
         """The ``i``-th task of a batched episode, without the task dimension."""
         if not self.is_batched:
             raise IndexError("task(i) needs a batched episode ([tasks, ...]); this one holds a single task")
         return Episode(*(t[i] for t in self))
 
-    def batch(self) -> "Episode":
+    def batch(self) -> Episode:
         """This episode with a leading task dimension of size 1 (no-op if already batched)."""
         return self if self.is_batched else Episode(*(t.unsqueeze(0) for t in self))
 

@@ -165,7 +165,7 @@ class EpisodeSampler:
         while True:
             yield self.sample()
 
-    def fixed_episodes(self, n: int = 600, seed: int = 0) -> "EpisodeSet":
+    def fixed_episodes(self, n: int = 600, seed: int = 0) -> EpisodeSet:
         """A fixed set of ``n`` episodes drawn with a fresh generator seeded by ``seed``.
 
         The set does not touch this sampler's own generator, so drawing it does
