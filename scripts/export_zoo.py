@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--result", required=True, help="JSON written by benchmarks/omniglot_accuracy.py")
     parser.add_argument("--ways", type=int, required=True)
     parser.add_argument("--shots", type=int, required=True)
+    parser.add_argument("--note", default="", help="extra training history for the card (e.g. an earlier phase)")
     args = parser.parse_args()
 
     source = resolve(args.run_dir)
@@ -50,6 +51,7 @@ def main() -> None:
         "machine": record["machine"],
         "date": record["date"],
         "data": config.get("data"),
+        **({"note": args.note} if args.note else {}),
     }
     target = ZOO / args.name
     if target.exists():
@@ -65,7 +67,7 @@ def main() -> None:
   ({data.get('classes', '?')} classes); images {json.dumps(config.get('preprocess'))}
 - Test accuracy: {accuracy}; episodes fingerprint {res.get('fingerprint')}, seed {res.get('seed')}
 - Training command: `{record['train_command']}` (best validation checkpoint: step {record['checkpoint_step']})
-- Commit {record['commit']}, {record['machine']}, {record['date']}
+{f"- {args.note}" + chr(10) if args.note else ""}- Commit {record['commit']}, {record['machine']}, {record['date']}
 - Reproduce the figure: `metaxfer eval --checkpoint {args.name} --ways {args.ways} --shots {args.shots} --episodes {res['n']}`
 """)
     print(f"exported {target}")
