@@ -20,7 +20,23 @@ def _protocol(data_cfg: Any, split: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a preset (with overrides), then evaluate the best checkpoint on the fixed test episodes."""
+    """Train a preset (with overrides), then evaluate the best checkpoint on the fixed test episodes.
+
+    The same command runs data-parallel under ``torchrun --nproc_per_node N -m metaxfer train ...``
+    (see ``docs/distributed.md``): every rank trains on its share of each meta-batch and of the test
+    episodes; only rank 0 prints and writes files.
+    """
+    from metaxfer.train import distributed
+
+    try:
+        return _train_and_test(args)
+    finally:
+        distributed.teardown()
+
+
+def _train_and_test(args: argparse.Namespace) -> int:
+    import os
+
     import torch
 
     from metaxfer.atomic import atomic_write_json
@@ -34,10 +50,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from metaxfer.evaluate import evaluate
     from metaxfer.hub import WEIGHTS_FILE, load, load_weights, resolve
     from metaxfer.runtime import freeze_gc, tune_allocator
-    from metaxfer.train import fit
+    from metaxfer.train import distributed, fit
 
     tune_allocator()
     cfg = load_config(args.config, args.overrides)
+    device = distributed.setup(cfg.device)  # joins the process group under torchrun (cuda -> cuda:LOCAL_RANK)
+    main = distributed.is_main()
     run_dir = Path(args.run_dir or cfg.run_dir or Path("runs") / cfg.name)
     t, e = cfg.train, cfg.eval
     torch.manual_seed(t.seed)
@@ -54,30 +72,40 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Warm start (e.g. a second phase at a lower learning rate): weights only, fresh optimiser.
         # A resumable checkpoint of this run directory still takes precedence in fit().
         load_weights(learner, resolve(args.init) / WEIGHTS_FILE)
+    if distributed.world_size() > 1:
+        # Same weights on every rank (fit broadcasts rank 0's anyway); from here on each rank draws its own
+        # random numbers (dropout), seed offset by rank. The episodes come from the sampler's own generator.
+        torch.manual_seed(t.seed + distributed.rank())
     optimizer = build_optimizer(learner.parameters(), t)
     scheduler = build_scheduler(optimizer, t)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "run_config.json", cfg.to_dict())
+    if main:
+        atomic_write_json(run_dir / "run_config.json", cfg.to_dict())
     freeze_gc()  # the model, data and optimiser live for the whole run: keep them out of GC passes
     command = ("metaxfer train --config " + args.config + (f" --init {args.init}" if args.init else "")
                + "".join(f" {o}" for o in args.overrides))
-    extra = {"run_config": cfg.to_dict(), "command": command,
+    extra = {"run_config": cfg.to_dict(), "command": command, "processes": distributed.world_size(),
              "data": train_set.describe() if hasattr(train_set, "describe") else None}
+    # A worker restarted by torchrun (--max-restarts) continues from the checkpoints even with --restart:
+    # the first attempt already cleared the old ones.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
     result = fit(learner, sampler, optimizer, t.steps, t.tasks_per_step, scheduler=scheduler,
                  val_episodes=val_episodes, val_every=t.val_every, run_dir=run_dir,
-                 checkpoint_every=t.checkpoint_every, resume=not args.restart, grad_clip=t.grad_clip,
-                 on_nonfinite=t.on_nonfinite, device=cfg.device, progress=args.progress, extra_config=extra,
+                 checkpoint_every=t.checkpoint_every, resume=not args.restart or restarted, grad_clip=t.grad_clip,
+                 on_nonfinite=t.on_nonfinite, device=device, progress=args.progress, extra_config=extra,
                  tasks_per_backward=t.tasks_per_backward)
-    print(f"trained {result.steps} steps in {result.seconds:.0f} s; run directory: {run_dir}", flush=True)
+    if main:
+        print(f"trained {result.steps} steps in {result.seconds:.0f} s; run directory: {run_dir}", flush=True)
     if args.no_test or not cfg.data.test_split:
         return 0
-    best = load(run_dir, device=cfg.device)
+    best = load(run_dir, device=device)
     test_sampler = build_sampler(cfg.data, cfg.data.test_split, e.ways, e.shots, e.queries, e.seed)
     episodes = test_sampler.fixed_episodes(e.episodes, seed=e.seed)
-    res = evaluate(best, episodes, protocol=_protocol(cfg.data, cfg.data.test_split))
-    atomic_write_json(run_dir / "test_result.json", {**res.to_dict(), "checkpoint": str(best.card.get("trained_steps")),
-                                                     "command": command})
-    print(res.line(), flush=True)
+    res = evaluate(best, episodes, protocol=_protocol(cfg.data, cfg.data.test_split), distributed=True)
+    if main:
+        atomic_write_json(run_dir / "test_result.json", {**res.to_dict(), "checkpoint": str(best.card.get("trained_steps")),
+                                                         "command": command})
+        print(res.line(), flush=True)
     return 0
 
 

@@ -121,6 +121,7 @@ def evaluate(
     device: torch.device | str | None = None,
     protocol: str | None = None,
     progress: bool = False,
+    distributed: bool = False,
 ) -> EvalResult:
     """Evaluate ``learner`` on a fixed set of episodes.
 
@@ -141,6 +142,12 @@ def evaluate(
         device: where to run; defaults to the learner's parameters' device.
         protocol: free text recorded with the result, e.g. ``"omniglot vinyals test"``.
         progress: show a progress bar.
+        distributed: under ``torchrun`` with several processes, split the
+            episodes into one contiguous block per rank and gather the
+            per-episode scores in episode order, so every rank returns exactly
+            the single-process result (mean, CI, ``n``). Every rank must call
+            it with the same episodes (a sequence: it is indexed). Without a
+            process group it changes nothing.
 
     Returns:
         :class:`EvalResult` with mean ± 95% CI (accuracy in percent, or MSE).
@@ -152,10 +159,22 @@ def evaluate(
         first = next(learner.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     iterator: Iterable[Episode] = episodes
+    split = False
+    if distributed:
+        # Imported here: metaxfer.train imports this module (fit validates with evaluate).
+        from metaxfer.train import distributed as dist_helpers
+
+        split = dist_helpers.is_distributed()
+        if split:
+            if not isinstance(episodes, Sequence):
+                raise ValueError("distributed evaluation indexes the episodes: pass a sequence such as "
+                                 "sampler.fixed_episodes(n), not an iterator")
+            progress = progress and dist_helpers.is_main()
+            iterator = [episodes[i] for i in dist_helpers.shard(len(episodes))]
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(episodes, desc="eval", leave=False)
+        iterator = tqdm(iterator, desc="eval", leave=False)
     scores: list[float] = []
     ways: int | None = 0
     shots = queries = 0
@@ -176,6 +195,16 @@ def evaluate(
             shots = episode.support_y.numel() // max(ways, 1)
             queries = episode.query_y.numel() // max(ways, 1)
             scores.append(100.0 * episode_accuracy(learner, episode.to(device)))
+    if split:
+        # Python floats travel pickled (exact); blocks come back in rank order = episode order, so the
+        # summary below is computed from the very list a single process would have.
+        parts = dist_helpers.all_gather_objects((scores, metric, ways, shots, queries))
+        scores = [s for part in parts for s in part[0]]
+        metrics = {part[1] for part in parts if part[1] is not None}
+        if len(metrics) > 1:
+            raise ValueError("the episodes mix classification (integer labels) and regression (float targets); "
+                             "evaluate them separately")
+        metric, ways, shots, queries = next((part[1:] for part in parts if part[1] is not None), (None, 0, 0, 0))
     mean, ci, std = mean_ci95(scores)
     meta = episodes.describe() if hasattr(episodes, "describe") else {}
     regression = metric == "mse"

@@ -22,6 +22,7 @@ from metaxfer.hub import load_weights, write_learner
 from metaxfer.learners.base import Learner
 from metaxfer.tasks.episode import Episode
 from metaxfer.tasks.sampler import EpisodeSampler, EpisodeSet
+from metaxfer.train import distributed
 from metaxfer.train.checkpoints import Checkpoints
 from metaxfer.train.metrics import MetricsLog, plot_learning_curve
 from metaxfer.train.state import save_state
@@ -135,6 +136,15 @@ def fit(
     Metrics go to ``metrics.jsonl`` / ``metrics.csv``, and a learning curve to
     ``curve.png`` (with matplotlib installed).
 
+    Under ``torchrun`` with several processes (see
+    :mod:`metaxfer.train.distributed` and ``docs/distributed.md``) the same
+    call trains data-parallel: every rank draws the whole meta-batch from its
+    identically seeded sampler and runs its contiguous share of the tasks,
+    the meta-gradients are all-reduced (weighted so the sum is the mean over
+    all tasks), validation episodes are split across ranks and gathered, and
+    only rank 0 logs and writes metrics and checkpoints. The episodes, and so
+    the result, are those of a single-process run, up to float summation order.
+
     Args:
         learner: the learner to train (moved to ``device``).
         sampler: training episodes.
@@ -165,6 +175,8 @@ def fit(
 
     Raises:
         NonFiniteLossError: on a NaN/inf loss when ``on_nonfinite="stop"``.
+        ConfigError: for invalid settings, e.g. ``tasks_per_step`` not a multiple
+            of the number of processes.
     """
     if on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
@@ -172,16 +184,21 @@ def fit(
         raise ConfigError("steps must be >= 0 and tasks_per_step, val_every, checkpoint_every, log_every > 0")
     if tasks_per_backward is not None and tasks_per_backward <= 0:
         raise ConfigError(f"tasks_per_backward must be a positive number of tasks or None, got {tasks_per_backward}")
+    device = distributed.setup(device)  # joins the process group under torchrun; a no-op on one process
+    world, main = distributed.world_size(), distributed.is_main()
+    share_slice = distributed.task_slice(tasks_per_step)  # ConfigError unless the tasks split evenly
+    share = (share_slice.stop - share_slice.start) / tasks_per_step
     learner.to(device)
     run_path = Path(run_dir) if run_dir is not None else None
     ckpts = Checkpoints(run_path) if run_path is not None else None
     # best_score is higher-is-better: the validation accuracy, or minus the validation MSE for regression.
     start, best_score, best_step, elapsed_before = 0, -math.inf, None, 0.0
     best_val: EvalResult | None = None
-    if ckpts is not None and not resume and ckpts.root.exists():
+    if ckpts is not None and not resume and ckpts.root.exists() and main:
         # A fresh start must not leave pointers to the old run's checkpoints behind.
         logger.warning("resume=False: removing the previous checkpoints in %s", ckpts.root)
         shutil.rmtree(ckpts.root)
+    distributed.barrier()  # rank 0 has finished deleting; nobody writes until every rank has read below
     if ckpts is not None and resume:
         found = ckpts.latest_state()
         if found is not None:
@@ -190,28 +207,39 @@ def fit(
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None and state.get("scheduler") is not None:
                 scheduler.load_state_dict(state["scheduler"])
-            sampler.load_state_dict(state["sampler"])
-            _set_rng_state(state["rng"])
+            sampler.load_state_dict(state["sampler"])  # every rank continues the same episode stream
+            per_rank = state.get("rng_ranks")
+            # Each rank continues its own RNG stream (dropout) when the world size is unchanged.
+            _set_rng_state(per_rank[distributed.rank()] if per_rank and len(per_rank) == world else state["rng"])
             start = int(state["step"])
             # Checkpoints from before regression support store the best accuracy as "best_acc".
             saved = state.get("best_score", state.get("best_acc"))
             best_score = saved if saved is not None else -math.inf
             best_step = state["best_step"]
             elapsed_before = float(state.get("seconds", 0.0))
-            logger.info("resumed from %s at step %d", directory, start)
-    if run_path is not None:
+            if main:
+                logger.info("resumed from %s at step %d", directory, start)
+    # Every rank starts from rank 0's weights and buffers, whatever seed each process was given.
+    distributed.broadcast_module(learner)
+    running_stats = distributed.RunningStatsSync(learner)
+    if run_path is not None and main:
         run_path.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(run_path, resume_step=start) if run_path is not None else None
+    log = MetricsLog(run_path, resume_step=start) if run_path is not None and main else None
     history = list(log.records) if log is not None else []
 
     def checkpoint(step: int, is_best: bool) -> None:
         assert ckpts is not None
+        rngs = distributed.all_gather_objects(_rng_state())  # a collective: every rank takes part
+        if not main:
+            distributed.barrier()  # wait for rank 0's write, so a rank never runs ahead of the checkpoint
+            return
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "sampler": sampler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs if world > 1 else None,
             "best_score": None if best_score == -math.inf else best_score,
             "best_step": best_step,
             "seconds": elapsed(),
@@ -227,12 +255,13 @@ def fit(
         if is_best:
             ckpts.point("best", directory)
         ckpts.prune()
+        distributed.barrier()
 
     def elapsed() -> float:
         # Training time summed over resumed segments, so time-to-accuracy survives restarts.
         return round(elapsed_before + time.perf_counter() - t0, 3)
 
-    show = progress if progress is not None else sys.stderr.isatty()
+    show = (progress if progress is not None else sys.stderr.isatty()) and main
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, initial=start, disable=not show, desc="train", dynamic_ncols=True)
@@ -242,9 +271,20 @@ def fit(
     try:
         for step in range(start + 1, steps + 1):
             learner.train()
-            batch = sampler.sample_batch(tasks_per_step).to(device)
+            batch = sampler.sample_batch(tasks_per_step)
+            if world > 1:
+                # Every rank draws the whole meta-batch (the same one a single process draws, and
+                # every sampler stays at the same position) and runs only its own tasks.
+                batch = Episode(*(t[share_slice] for t in batch))
+            batch = batch.to(device)
             optimizer.zero_grad(set_to_none=True)
+            running_stats.snapshot()
             loss, detail, metrics = forward_backward(learner, batch, tasks_per_backward)
+            if world > 1:
+                loss, metrics = distributed.all_reduce_mean_metrics(loss, metrics, share)
+                running_stats.merge()
+                if torch.isfinite(loss):  # the same decision on every rank: the loss was reduced
+                    distributed.all_reduce_grads(learner.parameters(), share)
             if not torch.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)  # drop what earlier chunks accumulated
                 if on_nonfinite == "stop":
@@ -271,11 +311,12 @@ def fit(
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             is_best = False
             if val_episodes is not None and (step % val_every == 0 or step == steps):
-                result = evaluate(learner, val_episodes, device=device)
+                result = evaluate(learner, val_episodes, device=device, distributed=True)
                 record = record or {"step": step, "loss": None, "accuracy": None,
                                     "lr": optimizer.param_groups[0]["lr"], "seconds": elapsed()}
                 record.update({f"val_{result.metric}": result.mean, "val_ci95": result.ci95})
-                logger.info("step %d: validation %s", step, result.line())
+                if main:
+                    logger.info("step %d: validation %s", step, result.line())
                 if result.score() > best_score:  # accuracy: higher; MSE: lower
                     best_score, best_step, best_val, is_best = result.score(), step, result, True
             if record is not None:
@@ -287,7 +328,7 @@ def fit(
             bar.update(1)
     finally:
         bar.close()
-        if run_path is not None and history:
+        if run_path is not None and history and main:
             plot_learning_curve(history, run_path / "curve.png")
     return FitResult(steps=step, history=history, best_val=best_val, best_step=best_step, run_dir=run_path,
                      seconds=time.perf_counter() - t0, skipped_steps=skipped)
