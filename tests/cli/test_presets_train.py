@@ -19,7 +19,7 @@ PRESETS = list_presets()
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_trains_two_steps_and_evaluates(preset: str, tmp_path, capsys, request) -> None:  # noqa: ANN001
+def test_preset_trains_two_steps_and_evaluates(preset: str, tmp_path, capsys, request) -> None:
     cfg = load_config(preset)
     overrides = ["train.steps=2", "train.val_every=2", "train.val_episodes=2", "train.checkpoint_every=2",
                  "eval.episodes=3", f"train.tasks_per_step={min(cfg.train.tasks_per_step, 2)}"]
