@@ -59,3 +59,22 @@ def test_python_m_entry_point():
 
     out = subprocess.run([sys.executable, "-m", "metaxfer", "configs"], capture_output=True, text=True, check=True).stdout
     assert "omniglot/protonet_20w1s" in out
+
+
+def test_eval_inner_steps_override(tmp_path, capsys):
+    run = tmp_path / "maml"
+    maml = ["model.learner=maml", "model.learner_args={inner_lr: 0.4, inner_steps: 1}",
+            "model.backbone_args={in_channels: 1, hidden: 8, image_size: 16, num_classes: 5}", *CLUSTERS[1:]]
+    assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(run), *maml]) == 0
+    capsys.readouterr()
+    results = {}
+    for steps in ("0", "5"):
+        assert main(["eval", "--checkpoint", str(run), "--episodes", "6", "--queries", "2", "--json", "--inner-steps", steps]) == 0
+        results[steps] = json.loads(capsys.readouterr().out)["mean"]
+    assert results["0"] != results["5"]  # the override reached the learner
+    assert main(["eval", "--checkpoint", str(run), "--inner-steps", "-1"]) == 2
+    assert "--inner-steps must be >= 0" in capsys.readouterr().err
+    proto = tmp_path / "proto"
+    assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(proto), *CLUSTERS]) == 0
+    assert main(["eval", "--checkpoint", str(proto), "--inner-steps", "3"]) == 2
+    assert "no inner loop" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from metaxfer.errors import MetaxferError
+from metaxfer.errors import ConfigError, MetaxferError
 
 
 def _protocol(data_cfg: Any, split: str) -> str:
@@ -119,6 +119,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     tune_allocator()
     learner = load(args.checkpoint, device=args.device)
+    if args.inner_steps is not None:
+        if not hasattr(learner, "eval_inner_steps"):
+            raise ConfigError(f"--inner-steps applies to gradient-based learners; {type(learner).__name__} has no inner loop")
+        if args.inner_steps < 0:
+            raise ConfigError(f"--inner-steps must be >= 0, got {args.inner_steps}")
+        learner.eval_inner_steps = args.inner_steps
     run_cfg = learner.card.get("run_config")
     # The data and episode sizes the model was trained and tested with, unless overridden.
     cfg = config_from_dict(run_cfg) if run_cfg else RunConfig()
@@ -189,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the full result record as JSON")
     p.add_argument("--progress", action="store_true", help="progress bar")
+    p.add_argument("--inner-steps", type=int, help="test-time inner steps of a gradient-based learner (default: its own)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("configs", help="list packaged presets")
