@@ -28,13 +28,24 @@ from metaxfer.learners import (
 )
 from metaxfer.tasks import Episode, EpisodeSampler
 from metaxfer.train import FitResult, fit
+from metaxfer.transfer import (
+    Baseline,
+    BaselinePlusPlus,
+    ClassBatchSampler,
+    FineTune,
+    finetune,
+)
 
 __all__ = [
     "ANIL",
     "MAML",
+    "Baseline",
+    "BaselinePlusPlus",
+    "ClassBatchSampler",
     "Episode",
     "EpisodeSampler",
     "EvalResult",
+    "FineTune",
     "FitResult",
     "LSTMMetaLearner",
     "Learner",
@@ -48,6 +59,7 @@ __all__ = [
     "build_learner",
     "create_backbone",
     "evaluate",
+    "finetune",
     "fit",
     "list_zoo",
     "load",

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 import metaxfer.learners  # noqa: F401  (registers the learners)
+from metaxfer import transfer as _transfer  # noqa: F401  (registers baseline, baseline_pp, finetune)
 from metaxfer.backbones.registry import create as create_backbone
 from metaxfer.config import DataConfig, ModelConfig, TrainConfig
 from metaxfer.errors import ConfigError
@@ -60,7 +61,8 @@ def build_dataset(data: DataConfig, split: str) -> Any:
     return create_dataset(data.dataset, split=split, **kwargs)
 
 
-def build_sampler(data: DataConfig, split: str, ways: int | None, shots: int, queries: int, seed: int) -> Any:
+def build_sampler(data: DataConfig, split: str, ways: int | None, shots: int, queries: int, seed: int, *,
+                  sampler: str = "episodes", batch_size: int | None = None) -> Any:
     """An episode sampler over the split named by ``data``.
 
     A class dataset (Omniglot, clusters) is wrapped in an
@@ -71,15 +73,35 @@ def build_sampler(data: DataConfig, split: str, ways: int | None, shots: int, qu
     ``fixed_episodes`` and ``dataset`` (what :func:`metaxfer.fit` and
     :func:`metaxfer.evaluate` use).
 
+    With ``sampler="classes"`` (``train.sampler`` of the config) the split is
+    instead drawn in supervised mini-batches of ``batch_size`` examples with
+    global class labels (:class:`~metaxfer.tasks.supervised.ClassBatchSampler`,
+    the pretraining of transfer baselines); ``ways``, ``shots`` and ``queries``
+    are then unused.
+
     Raises:
         EpisodeError: for sizes the dataset cannot provide.
+        ConfigError: for an unknown ``sampler``, or ``"classes"`` over a task
+            distribution that has no classes.
 
     Example:
         >>> sampler = build_sampler(DataConfig(dataset="sinusoid"), "train", ways=1, shots=5, queries=10, seed=0)
     """
     from metaxfer.tasks.sampler import EpisodeSampler
 
+    if sampler not in ("episodes", "classes"):
+        raise ConfigError(f"unknown train.sampler {sampler!r}; choose 'episodes' (meta-training) or 'classes' "
+                          "(supervised batches over all classes, for baseline / baseline_pp / finetune)")
     dataset = build_dataset(data, split)
+    if sampler == "classes":
+        from metaxfer.tasks.supervised import ClassBatchSampler
+
+        if callable(getattr(dataset, "episode_sampler", None)):
+            raise ConfigError(f"train.sampler: classes needs a class dataset, but {data.dataset!r} samples its own "
+                              "tasks; use train.sampler: episodes")
+        if batch_size is None:
+            raise ConfigError("train.sampler: classes needs train.batch_size (examples per step, e.g. 64)")
+        return ClassBatchSampler(dataset, batch_size, seed=seed)
     make = getattr(dataset, "episode_sampler", None)
     if callable(make):
         return make(ways=ways, shots=shots, queries=queries, seed=seed)

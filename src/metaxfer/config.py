@@ -63,6 +63,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     on_nonfinite: str = "stop"
     seed: int = 0
+    # "episodes": meta-training episodes (ways/shots/queries); "classes": supervised mini-batches of
+    # batch_size examples over all training classes with global labels (transfer baselines' pretraining).
+    sampler: str = "episodes"
+    batch_size: int = 64
 
 
 @dataclass
