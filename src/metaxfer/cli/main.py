@@ -59,8 +59,10 @@ def _train_and_test(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or cfg.run_dir or Path("runs") / cfg.name)
     t, e = cfg.train, cfg.eval
     torch.manual_seed(t.seed)
-    # A class dataset is wrapped in an EpisodeSampler; a task distribution (sinusoid) samples its own episodes.
-    sampler = build_sampler(cfg.data, cfg.data.train_split, t.ways, t.shots, t.queries, t.seed)
+    # A class dataset is wrapped in an EpisodeSampler; a task distribution (sinusoid) samples its own episodes;
+    # train.sampler: classes draws supervised batches over all classes (baseline / baseline_pp pretraining).
+    sampler = build_sampler(cfg.data, cfg.data.train_split, t.ways, t.shots, t.queries, t.seed,
+                            sampler=t.sampler, batch_size=t.batch_size)
     train_set = sampler.dataset
     val_episodes = None
     if cfg.data.val_split and t.val_episodes > 0:
