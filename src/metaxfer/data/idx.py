@@ -28,9 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
 
-from metaxfer.data.images import ImagePreprocess
+from metaxfer.data.images import ImagePreprocess, PixelDataset
 from metaxfer.data.paths import DATA_ENV
 from metaxfer.errors import ConfigError, DataError
 
@@ -121,7 +120,7 @@ def resolve_idx_root(root: str | os.PathLike[str] | None, dataset: str) -> Path:
                     f"files), set {DATA_ENV} so that they are in ${DATA_ENV}/{dataset}/{apt}")
 
 
-class IDXImages:
+class IDXImages(PixelDataset):
     """MNIST-format images and labels in memory, ``float32 [1, H, W]`` per example.
 
     Args:
@@ -177,28 +176,6 @@ class IDXImages:
         self.class_names = list(FASHION_MNIST_CLASSES if dataset == "fashion_mnist" else MNIST_CLASSES)
         if int(self.labels.max()) >= len(self.class_names) or int(self.labels.min()) < 0:
             raise DataError(f"{self.label_file} has labels outside 0..{len(self.class_names) - 1}; is it a label file of {dataset}?")
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (10)."""
-        return len(self.class_names)
-
-    @property
-    def pixels(self) -> Tensor:
-        """``uint8 [N, 1, H, W]``."""
-        return self._pixels
-
-    def __len__(self) -> int:
-        return self._pixels.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        """Image ``float32 [1, H, W]`` in ``[0, 1]`` and its class id."""
-        i = int(index)
-        return self.preprocess.from_pixels(self._pixels[i]), int(self.labels[i])
-
-    def gather(self, indices: Tensor) -> Tensor:
-        """Images at ``indices`` as ``float32 [*indices.shape, 1, H, W]``."""
-        return self.preprocess.from_pixels(self._pixels[torch.as_tensor(indices, dtype=torch.long)])
 
     def describe(self) -> dict[str, Any]:
         """What identifies this data in a result record (JSON-friendly)."""

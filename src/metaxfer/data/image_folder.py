@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from metaxfer.data.images import ImagePreprocess
+from metaxfer.data.images import ImagePreprocess, PixelDataset
 from metaxfer.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def _as_preprocess(preprocess: ImagePreprocess | dict[str, Any] | None, image_si
     return ImagePreprocess(size=size, mode=mode, invert=invert, resample=resample)  # type: ignore[arg-type]
 
 
-class ImageFolder:
+class ImageFolder(PixelDataset):
     """A labelled image folder, ``root/CLASS_NAME/**/*.{png,jpg,jpeg,bmp,gif,webp}``, in memory.
 
     Class ids follow the sorted class folder names. Images in nested folders
@@ -246,28 +246,6 @@ class ImageFolder:
             )
         self._pixels = pixels
         logger.info("loaded %d images of %d classes from %s", len(self.files), len(self.class_names), self.root)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return len(self.class_names)
-
-    @property
-    def pixels(self) -> Tensor:
-        """All images as decoded: ``uint8 [N, C, H, W]`` before scaling."""
-        return self._pixels
-
-    def __len__(self) -> int:
-        return self._pixels.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        """Image ``float32 [C, H, W]`` and its class id."""
-        i = int(index)
-        return self.preprocess.from_pixels(self._pixels[i]), int(self.labels[i])
-
-    def gather(self, indices: Tensor) -> Tensor:
-        """Images at ``indices`` (``int64 [k]`` or any shape) as ``float32 [*indices.shape, C, H, W]``."""
-        return self.preprocess.from_pixels(self._pixels[torch.as_tensor(indices, dtype=torch.long)])
 
     def tensors(self) -> tuple[Tensor, Tensor]:
         """All examples: ``float32 [N, C, H, W]`` images and ``int64 [N]`` labels."""

@@ -195,3 +195,45 @@ class ImagePreprocess:
         if unknown:
             raise ConfigError(f"unknown ImagePreprocess keys {sorted(unknown)}; allowed: size, mode, invert, resample, mean, std")
         return cls(**data)
+
+
+class PixelDataset:
+    """Shared protocol of the in-memory image datasets (Omniglot, image folders, IDX files).
+
+    A subclass sets ``self._pixels`` (``uint8 [N, C, H, W]``, as decoded),
+    ``self.labels`` (``int64 [N]``), ``self.class_names`` and ``self.preprocess``
+    (an :class:`ImagePreprocess`); this gives it ``len``, indexing, the
+    vectorised :meth:`gather` that :class:`~metaxfer.tasks.EpisodeSampler` uses,
+    and ``num_classes``. Pixels stay ``uint8`` in memory (4x smaller than
+    float) and are scaled only for the images a batch needs.
+    """
+
+    _pixels: Tensor
+    labels: Tensor
+    class_names: list[str]
+    preprocess: ImagePreprocess
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    @property
+    def pixels(self) -> Tensor:
+        """All images as stored: ``uint8 [N, C, H, W]`` before scaling."""
+        return self._pixels
+
+    def __len__(self) -> int:
+        return self._pixels.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        """Image ``float32 [C, H, W]`` (after ``preprocess``) and its class id."""
+        i = int(index)
+        return self.preprocess.from_pixels(self._pixels[i]), int(self.labels[i])
+
+    def gather(self, indices: Tensor) -> Tensor:
+        """Images at ``indices`` (``int64 [k]``, or any shape) as ``float32 [*indices.shape, C, H, W]``.
+
+        One vectorised index into the ``uint8`` tensor, then scaling.
+        """
+        return self.preprocess.from_pixels(self._pixels[torch.as_tensor(indices, dtype=torch.long)])

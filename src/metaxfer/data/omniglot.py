@@ -51,7 +51,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from metaxfer.atomic import atomic_write
-from metaxfer.data.images import ImagePreprocess
+from metaxfer.data.images import ImagePreprocess, PixelDataset
 from metaxfer.data.paths import resolve_cache_dir, resolve_data_root
 from metaxfer.errors import ConfigError, DataError
 
@@ -366,7 +366,7 @@ def _normalise_rotations(rotations: Sequence[int] | None, protocol: str) -> tupl
 
 # ---------------------------------------------------------------- dataset
 
-class Omniglot:
+class Omniglot(PixelDataset):
     """Omniglot characters as an in-memory dataset of ``float32 [1, H, W]`` images.
 
     Args:
@@ -500,32 +500,6 @@ class Omniglot:
         self.class_names = [f"{c}/rot{r:03d}" for c in characters for r in self.rotations]
 
     # ------------------------------------------------------------ dataset protocol
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (characters x rotations)."""
-        return len(self.class_names)
-
-    @property
-    def pixels(self) -> Tensor:
-        """All images as stored: ``uint8 [N, 1, H, W]`` before scaling and inversion."""
-        return self._pixels
-
-    def __len__(self) -> int:
-        return self._pixels.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        """Image ``float32 [1, H, W]`` in ``[0, 1]`` (strokes 1) and its class id."""
-        i = int(index)
-        return self.preprocess.from_pixels(self._pixels[i]), int(self.labels[i])
-
-    def gather(self, indices: Tensor) -> Tensor:
-        """Images at ``indices`` (``int64 [k]``, or any shape) as ``float32 [*indices.shape, 1, H, W]``.
-
-        One vectorised index into the in-memory ``uint8`` tensor; this is the
-        fast path :class:`~metaxfer.tasks.EpisodeSampler` uses.
-        """
-        return self.preprocess.from_pixels(self._pixels[torch.as_tensor(indices, dtype=torch.long)])
 
     def source(self, index: int) -> dict[str, Any]:
         """Where example ``index`` comes from: zip name, member path and rotation in degrees."""
