@@ -26,7 +26,13 @@ def test_preset_trains_two_steps_and_evaluates(preset: str, tmp_path, capsys, re
     if cfg.data.dataset == "omniglot":
         overrides.append(f"data.root={request.getfixturevalue('omniglot_root')}")
     run = tmp_path / "run"
-    assert main(["train", "--config", preset, "--run-dir", str(run), *overrides]) == 0, capsys.readouterr().err
+    command = ["train", "--config", preset, "--run-dir", str(run)]
+    if cfg.model.learner == "distill":  # needs a teacher: its preset, trained for two steps first
+        teacher = tmp_path / "teacher"
+        assert main(["train", "--config", "omniglot/baseline_pp_resnet12_5w1s", "--run-dir", str(teacher),
+                     "--no-test", *overrides]) == 0, capsys.readouterr().err
+        command = ["distill", "--config", preset, "--teacher", str(teacher), "--run-dir", str(run)]
+    assert main([*command, *overrides]) == 0, capsys.readouterr().err
     result = json.loads((run / "test_result.json").read_text())
     assert result["n"] == 3
     assert "95% CI, 3 " in capsys.readouterr().out

@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     from metaxfer.cli.predict import add_predict_parser
 
     add_predict_parser(sub)  # metaxfer predict --model --support --query [--out]
+    from metaxfer.cli.finetune import add_finetune_parser
+
+    add_finetune_parser(sub)  # metaxfer finetune --model --train [--val] [--test] --out [--mode ...]
+    from metaxfer.cli.distill import add_distill_parser
+
+    add_distill_parser(sub)  # metaxfer distill --config --teacher [--run-dir] [key=value ...]
     return parser
 
 

@@ -88,3 +88,49 @@ def _mnist(split: str = "train", **kwargs: Any) -> Any:
     from metaxfer.data.idx import MNIST
 
     return MNIST(split=split, **kwargs)
+
+
+@register_dataset("mini_imagenet")
+def _mini_imagenet(split: str = "train", **kwargs: Any) -> Any:
+    """miniImageNet, Ravi & Larochelle split (64 / 16 / 20 classes): ``root`` or ``$METAXFER_DATA/mini_imagenet``
+    with ``train.csv``, ``val.csv``, ``test.csv`` and ``images/``
+    (:class:`~metaxfer.data.mini_imagenet.MiniImageNet`)."""
+    from metaxfer.data.mini_imagenet import MiniImageNet
+
+    return MiniImageNet(split=split, **kwargs)
+
+
+@register_dataset("tiered_imagenet")
+def _tiered_imagenet(split: str = "train", **kwargs: Any) -> Any:
+    """tieredImageNet (351 / 97 / 160 classes): the ``<split>_images_png.pkl`` + ``<split>_labels.pkl`` release
+    or ``<split>/CLASS/*.jpg`` folders (:class:`~metaxfer.data.tiered_imagenet.TieredImageNet`)."""
+    from metaxfer.data.tiered_imagenet import TieredImageNet
+
+    return TieredImageNet(split=split, **kwargs)
+
+
+@register_dataset("cifar_fs")
+def _cifar_fs(split: str = "train", **kwargs: Any) -> Any:
+    """CIFAR-FS (64 / 16 / 20 classes) from ``cifar-100-python/`` in ``root`` or ``$METAXFER_DATA/cifar100``
+    (:class:`~metaxfer.data.cifar.CIFARFS`)."""
+    from metaxfer.data.cifar import CIFARFS
+
+    return CIFARFS(split=split, **kwargs)
+
+
+@register_dataset("fc100")
+def _fc100(split: str = "train", **kwargs: Any) -> Any:
+    """FC100 (superclass split, 60 / 20 / 20 classes) from ``cifar-100-python/`` in ``root`` or
+    ``$METAXFER_DATA/cifar100`` (:class:`~metaxfer.data.cifar.FC100`)."""
+    from metaxfer.data.cifar import FC100
+
+    return FC100(split=split, **kwargs)
+
+
+@register_dataset("cub")
+def _cub(split: str = "train", **kwargs: Any) -> Any:
+    """CUB-200-2011 with the Chen et al. 2019 split (100 / 50 / 50 classes) from ``CUB_200_2011/`` in ``root``
+    or ``$METAXFER_DATA/cub`` (:class:`~metaxfer.data.cub.CUB`)."""
+    from metaxfer.data.cub import CUB
+
+    return CUB(split=split, **kwargs)

@@ -20,6 +20,12 @@ buffers; a private copy gives all of that with any ``nn.Module`` and keeps the
 caller's model (and the learner) unchanged by construction. No gradient flows
 back to the original, so this is not the clone-and-mutate pattern the design
 notes warn about (that one differentiates through the copy).
+
+Two helpers for training more than a head: :func:`flip_and_shift`, a seeded
+mini-batch augmentation for ``finetune(augment=...)``, and
+:func:`recalibrate_batchnorm`, which re-estimates BatchNorm running statistics
+after fine-tuning in ``train_mode`` (needed when the statistics moved little
+during a short run, e.g. a network trained from random initialisation).
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from metaxfer.learners.support import EvalModule, check_support_classes
 from metaxfer.transfer.baseline import Baseline, HeadPredictor, backbone_feature_dim
 from metaxfer.transfer.heads import new_head
 
-__all__ = ["BodyHead", "FineTune", "finetune", "match_parameters", "param_groups"]
+__all__ = ["BodyHead", "FineTune", "finetune", "flip_and_shift", "match_parameters", "param_groups",
+           "recalibrate_batchnorm"]
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -131,16 +138,68 @@ def param_groups(model: nn.Module, lr: float, layer_lrs: Mapping[str, float] | N
             for pattern, params in groups.items() if params]
 
 
+#: ``augment(x_batch, generator) -> x_batch``: a mini-batch transform drawing only from ``generator``.
+Augment = Callable[[Tensor, torch.Generator], Tensor]
+
+
+def flip_and_shift(max_shift: int, flip: bool = True) -> Augment:
+    """A seeded image augmentation for :func:`finetune`: random translation and horizontal flip per example.
+
+    Each image ``[C, H, W]`` is shifted by an integer offset in
+    ``-max_shift .. max_shift`` pixels along each axis (the border pixels are
+    repeated into the gap, so a plain background stays plain) and, with
+    ``flip``, mirrored left-right with probability 1/2. All draws come from
+    the generator passed to the returned function, so ``finetune``'s ``seed``
+    makes the result deterministic; the global RNG is never touched.
+
+    Args:
+        max_shift: largest shift in pixels (0: no translation).
+        flip: also mirror horizontally (not for images whose class depends on
+            handedness, e.g. digits or characters).
+
+    Returns:
+        ``augment(x [N, C, H, W], generator) -> [N, C, H, W]`` (same dtype and
+        device; the memory format is not kept).
+
+    Raises:
+        ConfigError: negative ``max_shift``.
+
+    Example:
+        >>> tuned = finetune(model, x, y, steps=100, augment=flip_and_shift(2))
+    """
+    if not isinstance(max_shift, int) or max_shift < 0:
+        raise ConfigError(f"flip_and_shift needs an integer max_shift >= 0, got {max_shift!r}")
+
+    def augment(x: Tensor, generator: torch.Generator) -> Tensor:
+        n, c, h, w = x.shape
+        if max_shift:
+            p, dev = max_shift, x.device
+            padded = F.pad(x, [p, p, p, p], mode="replicate")
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(dev)
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(dev)
+            rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+            x = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                       rows, cols]
+        if flip:
+            mirror = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+            x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+        return x
+
+    return augment
+
+
 def _run(model: nn.Module, groups: list[dict[str, object]], x: Tensor, y: Tensor, steps: int, batch_size: int | None,
          momentum: float, weight_decay: float, generator: torch.Generator,
-         loss_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+         loss_fn: Callable[[Tensor, Tensor], Tensor], stage: str = "finetune",
+         callback: Callable[[str, int, nn.Module], None] | None = None, augment: Augment | None = None) -> None:
     if steps == 0 or not groups:
         return
     opt = torch.optim.SGD(groups, lr=float(groups[0]["lr"]), momentum=momentum, weight_decay=weight_decay)  # type: ignore[arg-type]
     s = x.shape[0]
     full = batch_size is None or batch_size >= s
     order, at = torch.empty(0, dtype=torch.long), s
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         if full:
             xb, yb = x, y
         else:
@@ -150,9 +209,14 @@ def _run(model: nn.Module, groups: list[dict[str, object]], x: Tensor, y: Tensor
             pick = order[at : at + batch_size]
             at += batch_size
             xb, yb = x[pick], y[pick]
+        if augment is not None:
+            with torch.no_grad():
+                xb = augment(xb, generator)
         opt.zero_grad(set_to_none=True)
         loss_fn(model(xb), yb).backward()
         opt.step()
+        if callback is not None:
+            callback(stage, step, model)
 
 
 def finetune(
@@ -174,6 +238,8 @@ def finetune(
     train_mode: bool = False,
     seed: int = 0,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    callback: Callable[[str, int, nn.Module], None] | None = None,
+    augment: Augment | None = None,
 ) -> nn.Module:
     """Fine-tune a deep copy of ``model`` on a support set; return the copy (the caller's model is unchanged).
 
@@ -187,7 +253,9 @@ def finetune(
 
     SGD with momentum throughout; the mini-batches (``batch_size`` examples, the
     whole support set when ``None``) are drawn in shuffled passes from a
-    generator seeded with ``seed``, so the result is deterministic.
+    generator seeded with ``seed``, so the result is deterministic. An
+    ``augment`` function (e.g. :func:`flip_and_shift`) transforms every
+    mini-batch, in both stages, drawing from the same generator.
 
     Args:
         model: classifier ``[N, *x_shape] -> logits [N, ways]`` (with a head of
@@ -210,6 +278,16 @@ def finetune(
             turns dropout off.
         seed: seeds the mini-batch order.
         loss_fn: ``(logits, targets) -> scalar``.
+        callback: called after every optimiser step as ``callback(stage, step,
+            model)``: ``stage`` is ``"linear_probe"`` or ``"finetune"``, ``step``
+            counts from 1 within the stage, ``model`` is the copy being trained
+            (in the mode ``train_mode`` selects, under ``torch.enable_grad``). For
+            validation or checkpoints (``metaxfer finetune`` keeps the epoch with
+            the best validation accuracy); a callback that evaluates must run
+            under ``torch.no_grad()`` and restore the model's mode.
+        augment: ``augment(x_batch, generator) -> x_batch`` applied (without
+            gradient) to every mini-batch of both stages, e.g.
+            :func:`flip_and_shift`; ``None``: the support images as they are.
 
     Returns:
         The fine-tuned copy in ``eval()`` mode, with the ``requires_grad``
@@ -242,14 +320,70 @@ def finetune(
                 param.requires_grad_(name in head_names and name not in frozen)
             probe = [p for n, p in tuned.named_parameters() if n in head_names and n not in frozen]
             groups = [{"params": probe, "lr": float(lr if lp_lr is None else lp_lr), "name": "linear_probe"}] if probe else []
-            _run(tuned, groups, x, y, lp_steps, batch_size, momentum, weight_decay, g, loss_fn)
+            _run(tuned, groups, x, y, lp_steps, batch_size, momentum, weight_decay, g, loss_fn, "linear_probe",
+                 callback, augment)
         for name, param in tuned.named_parameters():
             param.requires_grad_(name not in frozen)
-        _run(tuned, param_groups(tuned, lr, layer_lrs, frozen), x, y, steps, batch_size, momentum, weight_decay, g, loss_fn)
+        _run(tuned, param_groups(tuned, lr, layer_lrs, frozen), x, y, steps, batch_size, momentum, weight_decay, g,
+             loss_fn, "finetune", callback, augment)
     for name, param in tuned.named_parameters():
         param.requires_grad_(flags[name])
         param.grad = None
     return tuned.eval()
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: Tensor, batch_size: int | None = None) -> nn.Module:
+    """Re-estimate every BatchNorm layer's running statistics of ``model`` on ``x``, in place ("precise BN").
+
+    The running mean and variance are reset and replaced by the average of
+    the batch statistics over ``x`` in mini-batches of ``batch_size`` (all of
+    ``x`` when ``None``), with the weights fixed. After a short run in
+    ``train()`` mode the running statistics are a stale blend of the
+    initial values and the early weights' batch statistics (BatchNorm's
+    momentum is 0.01 in TensorFlow-converted networks: 100 steps leave 37 % of
+    the initial values); ``eval()`` predictions then use statistics the
+    network was never trained with. Call it with the training images.
+
+    Args:
+        model: any module; one without BatchNorm is returned unchanged.
+        x: ``[N, *x_shape]`` inputs (no gradient is taken).
+        batch_size: images per forward pass; ``None``: all at once.
+
+    Returns:
+        ``model`` (the same object), with its training mode and the layers'
+        momentum as they were.
+
+    Raises:
+        ConfigError: ``batch_size`` below 2 (batch statistics of one image are meaningless) or empty ``x``.
+    """
+    norms = [m for m in model.modules() if isinstance(m, _NORMS) and m.track_running_stats]
+    if not norms:
+        return model
+    n = x.shape[0]
+    size = n if batch_size is None else int(batch_size)
+    if n == 0 or size < 2:
+        raise ConfigError(f"recalibrate_batchnorm needs a non-empty x and batch_size >= 2, got {n} examples, "
+                          f"batch_size={batch_size}")
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: the mean of the batch statistics
+        model.train()
+        for start in range(0, n, size):
+            batch = x[start : start + size]
+            if batch.shape[0] >= 2 or start == 0:
+                model(batch)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return model
 
 
 class BodyHead(nn.Module):
