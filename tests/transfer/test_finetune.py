@@ -129,3 +129,86 @@ def test_finetune_learner_without_pretraining(small_conv4):
         learner.adapt(x, torch.tensor([0, 1, 0, 1]))
     with pytest.raises(ConfigError, match="'linear' or 'cosine'"):
         FineTune(small_conv4, adapt_head="centroid")
+
+
+# --- augmentation, BatchNorm recalibration, batched feature extraction -----------------------------
+
+
+def test_flip_and_shift_is_seeded_and_moves_pixels_within_bounds():
+    from metaxfer.transfer.finetune import flip_and_shift
+
+    x = torch.arange(2 * 1 * 5 * 5, dtype=torch.float32).view(2, 1, 5, 5)
+    aug = flip_and_shift(2)
+    a = aug(x, torch.Generator().manual_seed(0))
+    b = aug(x, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and torch.equal(a, b)
+    # Each output is a (possibly mirrored) crop of the replicate-padded input: every value comes from its own image.
+    for i in range(2):
+        assert set(a[i].flatten().tolist()) <= set(x[i].flatten().tolist())
+    # Over many draws every shift and both orientations occur; the identity is among them.
+    g = torch.Generator().manual_seed(1)
+    outs = [aug(x[:1], g) for _ in range(200)]
+    assert any(torch.equal(o, x[:1]) for o in outs) and any(torch.equal(o, x[:1].flip(-1)) for o in outs)
+    assert torch.equal(flip_and_shift(0, flip=False)(x, g), x)
+    rng = torch.get_rng_state()
+    aug(x, g)
+    assert torch.equal(rng, torch.get_rng_state())
+    with pytest.raises(ConfigError, match="max_shift"):
+        flip_and_shift(-1)
+
+
+def test_finetune_applies_augment_to_every_batch_deterministically():
+    from metaxfer.transfer.finetune import flip_and_shift
+
+    seen = []
+
+    def record(xb, g):
+        seen.append(xb.shape[0])
+        return xb + 0.01 * torch.randn(xb.shape, generator=g)
+
+    x, y = _support()
+    tuned = finetune(_model(), x, y, steps=4, lp_ft=True, lp_steps=3, batch_size=4, augment=record)
+    assert seen == [4] * 7  # both stages
+    again = finetune(_model(), x, y, steps=4, lp_ft=True, lp_steps=3, batch_size=4, augment=record)
+    plain = finetune(_model(), x, y, steps=4, lp_ft=True, lp_steps=3, batch_size=4)
+    assert all(torch.equal(p, q) for p, q in zip(tuned.parameters(), again.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(tuned.parameters(), plain.parameters()))
+    images = torch.randn(6, 1, 8, 8)
+    conv = BodyHead(nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(4, 3))
+    finetune(conv, images, torch.arange(3).repeat(2), steps=2, augment=flip_and_shift(1))  # images [N, C, H, W]
+
+
+def test_recalibrate_batchnorm_replaces_stale_running_statistics():
+    from metaxfer.transfer.finetune import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.01))
+    x = torch.randn(64, 3) * 5 + 2
+    before = net[1].running_mean.clone()
+    out = recalibrate_batchnorm(net.eval(), x, batch_size=16)
+    assert out is net and not net.training and net[1].momentum == 0.01
+    with torch.no_grad():
+        h = net[0](x)
+    assert not torch.allclose(before, net[1].running_mean)
+    torch.testing.assert_close(net[1].running_mean, h.mean(0), rtol=1e-5, atol=1e-5)  # equal batches: exact mean
+    # Eval-mode outputs now match train-mode (batch-statistics) outputs on the same data.
+    torch.testing.assert_close(net(x), net.train()(x).detach(), rtol=0.2, atol=0.2)
+    with pytest.raises(ConfigError, match="batch_size"):
+        recalibrate_batchnorm(net, x, batch_size=1)
+    plain = nn.Linear(3, 2)
+    assert recalibrate_batchnorm(plain, x) is plain
+
+
+def test_extract_features_batches_without_gradient_in_eval_mode():
+    from metaxfer.transfer.heads import extract_features
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5)).train()
+    x = torch.randint(0, 255, (10, 3), dtype=torch.uint8)
+    feats = extract_features(net, x, batch_size=3, transform=lambda b: b.float() / 255)
+    assert net.training  # mode restored
+    assert feats.shape == (10, 4) and not feats.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(feats, net.eval()(x.float() / 255))
+    with pytest.raises(ConfigError, match="batch_size"):
+        extract_features(net, x, batch_size=0)

@@ -4,11 +4,14 @@ All heads map features ``[N, D]`` to logits ``[N, ways]``. :func:`fit_head`
 trains a new head on a support set's features ``[S, D]`` from scratch, with
 its own seeded generator (initialisation and mini-batch order), so the same
 support set and seed always give the same head and the global RNG is never touched.
+:func:`extract_features` computes the frozen features of a large set (a test
+set, a dataset's images) in mini-batches without gradient.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +23,7 @@ __all__ = [
     "HEADS",
     "CentroidHead",
     "CosineClassifier",
+    "extract_features",
     "fit_head",
     "logistic_regression",
     "nearest_centroid",
@@ -158,6 +162,55 @@ def logistic_regression(features: Tensor, labels: Tensor, ways: int, l2: float =
     with torch.enable_grad():
         opt.step(closure)
     return head
+
+
+@torch.no_grad()
+def extract_features(
+    module: nn.Module,
+    x: Tensor,
+    batch_size: int = 256,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """``module(transform(x[i : i + batch_size]))`` over all of ``x`` in ``eval()`` mode without gradient, concatenated.
+
+    For the frozen features of a set too large for one forward pass (e.g.
+    10,000 test images through an ImageNet backbone): BatchNorm uses its
+    running statistics, dropout is off, no graph is kept, and only one batch
+    of transformed inputs is in memory at a time. Any module works, so it
+    also gives the logits of a whole classifier. The module's training mode
+    is restored afterwards.
+
+    Args:
+        module: ``[B, *x_shape] -> [B, *out_shape]``.
+        x: ``[N, ...]`` inputs, e.g. ``uint8`` pixels that ``transform`` scales.
+        batch_size: examples per forward pass.
+        transform: applied to every slice before ``module`` (e.g.
+            ``ImagePreprocess.from_pixels``, a move to the module's device or
+            memory format); ``None``: the slices as they are.
+
+    Returns:
+        ``[N, *out_shape]`` (detached, on the device the module returns).
+
+    Raises:
+        ConfigError: ``batch_size`` below 1, or an empty ``x``.
+
+    Example:
+        >>> feats = extract_features(backbone, test_pixels, transform=preprocess.from_pixels)
+    """
+    if batch_size < 1:
+        raise ConfigError(f"extract_features needs batch_size >= 1, got {batch_size}")
+    was_training = module.training
+    module.eval()
+    try:
+        outs = []
+        for start in range(0, x.shape[0], batch_size):
+            batch = x[start : start + batch_size]
+            outs.append(module(transform(batch) if transform is not None else batch).detach())
+    finally:
+        module.train(was_training)
+    if not outs:
+        raise ConfigError("extract_features got no inputs (x is empty)")
+    return torch.cat(outs)
 
 
 class _Normalised(nn.Module):
