@@ -3,8 +3,10 @@
 from metaxfer.learners.anil import ANIL
 from metaxfer.learners.base import Learner, Predictor
 from metaxfer.learners.gradient import MAML
+from metaxfer.learners.hallucination import HallucinationNet
 from metaxfer.learners.lstm_meta import LSTMMetaLearner
 from metaxfer.learners.matching import MatchingNet
+from metaxfer.learners.memory import MANN
 from metaxfer.learners.meta_sgd import MetaSGD
 from metaxfer.learners.metaoptnet import MetaOptNet
 from metaxfer.learners.metric import ProtoNet
@@ -16,6 +18,8 @@ __all__ = [
     "ANIL",
     "LEARNERS",
     "MAML",
+    "MANN",
+    "HallucinationNet",
     "LSTMMetaLearner",
     "Learner",
     "MatchingNet",
