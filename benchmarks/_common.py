@@ -1,4 +1,4 @@
-"""Shared pieces of the speed benchmarks: environment record, alternating timer, peak memory, tables.
+"""Shared pieces of the benchmarks: environment record, alternating timer, peak memory, tables, result records.
 
 Not part of the metaxfer package: the benchmarks import the peer libraries,
 which live only in ``.venv-bench`` (see ``benchmarks/README.md``).
@@ -65,6 +65,17 @@ def package_versions(names: Sequence[str]) -> dict[str, str | None]:
     return out
 
 
+def commit() -> str:
+    """Current git commit, with -dirty when tracked files have changes."""
+    info = git_commit()
+    return f"{info['commit'][:7]}{'-dirty' if info['dirty'] else ''}"
+
+
+def machine() -> str:
+    """CPU model, torch threads and platform of this machine."""
+    return f"{cpu_model()}, {torch.get_num_threads()} torch threads, {platform.system()} {platform.machine()}"
+
+
 def environment(packages: Sequence[str]) -> dict[str, Any]:
     """What the numbers depend on: versions, threads, CPU, load, allocator, date, commit."""
     from metaxfer.runtime import allocator_settings
@@ -119,6 +130,22 @@ def summary(samples: Sequence[float]) -> dict[str, float]:
     s = sorted(samples)
     q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
     return {"median": statistics.median(s), "min": s[0], "p25": q[0], "p75": q[2], "n": len(s)}
+
+
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], wins: str = "wins", losses: str = "losses"
+) -> dict[str, Any]:
+    """Mean ± 95% CI (1.96·s/√n) of the per-episode differences a − b, with how often a is above, equal, below.
+
+    ``a`` and ``b`` are scores of the same episodes (equal lengths); ``wins`` / ``losses`` name the
+    counts of a > b and a < b in the result (keys: mean, ci95, std, n, wins, ties, losses).
+    """
+    from metaxfer.evaluate import mean_ci95
+
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean, ci, std = mean_ci95(d)
+    return {"mean": mean, "ci95": ci, "std": std, "n": len(d), wins: sum(x > 0 for x in d),
+            "ties": sum(x == 0 for x in d), losses: sum(x < 0 for x in d)}
 
 
 def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
@@ -250,8 +277,24 @@ def emit(record: dict[str, Any], human: str, out: str | None) -> None:
     print(human)
     print(json.dumps(record, sort_keys=False))
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(record, out)
+
+
+def write_json(record: dict[str, Any], out: str | Path) -> None:
+    """``record`` as indented JSON in ``out`` (its folder created when missing)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def stamp(record: dict[str, Any]) -> dict[str, Any]:
+    """Add commit, machine, torch version and today's date to ``record`` (in place, at the end); returns it."""
+    record.update(commit=commit(), machine=machine(), torch=torch.__version__, date=dt.date.today().isoformat())
+    return record
+
+
+def write_record(record: dict[str, Any], out: str | Path) -> None:
+    """:func:`stamp` ``record``, then write it to ``out`` as indented JSON."""
+    write_json(stamp(record), out)
 
 
 def set_threads(threads: int | None) -> None:

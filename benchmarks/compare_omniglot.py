@@ -24,16 +24,12 @@ model's training command, so a reader sees what it was trained for).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
 
 import _common as C
-import torch
-from ensemble_omniglot import data_key, locate, paired
-from omniglot_accuracy import commit, machine
+from ensemble_omniglot import data_key, locate
 
 from metaxfer.build import build_dataset
 from metaxfer.config import config_from_dict
@@ -122,7 +118,8 @@ def main() -> int:
                          "result": res.to_dict()})
         best = max(range(len(models)), key=lambda i: results[i].mean)
         for i, row in enumerate(rows):
-            row["minus_best"] = None if i == best else paired(results[i].accuracies, results[best].accuracies)
+            row["minus_best"] = None if i == best else C.paired_difference(results[i].accuracies,
+                                                                               results[best].accuracies)
         settings.append({"ways": ways, "shots": shots, "fingerprint": results[0].fingerprint, "best": rows[best]["model"],
                          "rows": rows})
         table = [[r["model"], r["class"], f"{r['result']['mean']:.2f} ± {r['result']['ci95']:.2f}",
@@ -136,13 +133,8 @@ def main() -> int:
         [*(f"--model {n}" for n in args.model), *(f"--eval {e}" for e in (args.eval or ["5,1"])),
          f"--episodes {args.episodes}", f"--queries {args.queries}", f"--seed {args.seed}",
          *([f"--out {args.out}"] if args.out else []), *([f"--plot {args.plot}"] if args.plot else [])])
-    record = {"benchmark": "compare_omniglot", "protocol": protocol, "settings": settings, "command": command,
-              "commit": commit(), "machine": machine(), "torch": torch.__version__,
-              "date": dt.date.today().isoformat()}
-    C.emit(record, "\n\n".join(lines), None)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    record = {"benchmark": "compare_omniglot", "protocol": protocol, "settings": settings, "command": command}
+    C.emit(C.stamp(record), "\n\n".join(lines), args.out)
     return 0
 
 

@@ -42,21 +42,18 @@ step, steps and seconds, test accuracy ± CI) and the paired difference with its
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import _common as C
-import torch
 
 from metaxfer.build import build_dataset
 from metaxfer.cli.main import main as metaxfer_main
 from metaxfer.config import config_from_dict
-from metaxfer.evaluate import EvalResult, evaluate, mean_ci95
+from metaxfer.evaluate import EvalResult, evaluate
 from metaxfer.hub import load
 from metaxfer.runtime import tune_allocator
 from metaxfer.tasks import EpisodeSampler
@@ -64,17 +61,6 @@ from metaxfer.tasks import EpisodeSampler
 TEACHER_PRESET = "omniglot/baseline_pp_resnet12_5w1s"
 STUDENT_PRESET = "omniglot/distill_conv4_from_resnet12_5w1s"
 DIRECT_PRESET = "omniglot/baseline_pp_5w1s"
-
-
-def machine() -> str:
-    """CPU model, torch threads and platform of this machine."""
-    return f"{C.cpu_model()}, {torch.get_num_threads()} torch threads, {platform.system()} {platform.machine()}"
-
-
-def commit() -> str:
-    """Current git commit, with -dirty when tracked files have changes."""
-    info = C.git_commit()
-    return f"{info['commit'][:7]}{'-dirty' if info['dirty'] else ''}"
 
 
 def run_cli(args: list[str]) -> float:
@@ -163,15 +149,13 @@ def main() -> None:
         runs[name]["test"] = {**results[name].to_dict(), "eval_seconds": round(time.perf_counter() - t0, 1)}
         print(f"{name:8s} {results[name].line()}", flush=True)
 
-    diffs = [a - b for a, b in zip(results["student"].accuracies, results["direct"].accuracies, strict=True)]
-    mean, ci95, std = mean_ci95(diffs)
     difference = {
         "what": "student - direct, per-episode paired difference of accuracy (percentage points)",
-        "mean": mean, "ci95": ci95, "std": std, "n": len(diffs),
-        "student_better": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
-        "direct_better": sum(d < 0 for d in diffs),
+        **C.paired_difference(results["student"].accuracies, results["direct"].accuracies,
+                              wins="student_better", losses="direct_better"),
     }
-    print(f"difference student - direct: {mean:+.2f} ± {ci95:.2f} points (95% CI, {len(diffs)} paired episodes)")
+    print(f"difference student - direct: {difference['mean']:+.2f} ± {difference['ci95']:.2f} points "
+          f"(95% CI, {difference['n']} paired episodes)")
     record = {
         "experiment": "Conv4 Baseline++ distilled from a ResNet-12 Baseline++ teacher vs the same Conv4 trained "
                       "directly with the same budget, Omniglot",
@@ -180,12 +164,8 @@ def main() -> None:
         "runs": runs,
         "difference": difference,
         "command": "python benchmarks/distill_omniglot.py " + " ".join(sys.argv[1:]),
-        "commit": commit(),
-        "machine": machine(),
-        "date": dt.date.today().isoformat(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    C.write_record(record, args.out)
 
 
 if __name__ == "__main__":

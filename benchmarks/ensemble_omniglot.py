@@ -26,21 +26,17 @@ prints it as the last line.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 import time
 from pathlib import Path
 
 import _common as C
-import torch
-from omniglot_accuracy import commit, machine
 
 from metaxfer.build import build_dataset
 from metaxfer.config import config_from_dict
 from metaxfer.errors import MetaxferError
 from metaxfer.evaluate import evaluate
-from metaxfer.evaluate.evaluate import mean_ci95
 from metaxfer.hub import load, resolve
 from metaxfer.runtime import tune_allocator
 from metaxfer.tasks import EpisodeSampler
@@ -51,14 +47,6 @@ DEFAULT_MEMBERS = [
     "benchmarks/resumable/maml_omniglot_5w1s_phase2",
     "benchmarks/resumable/baseline_pp_omniglot_5w1s",
 ]
-
-
-def paired(a: list[float], b: list[float]) -> dict:
-    """Mean ± 95% CI of the per-episode differences a − b (percentage points), with wins/ties/losses."""
-    d = [x - y for x, y in zip(a, b, strict=True)]
-    mean, ci, std = mean_ci95(d)
-    return {"mean": mean, "ci95": ci, "std": std, "n": len(d), "wins": sum(x > 0 for x in d),
-            "ties": sum(x == 0 for x in d), "losses": sum(x < 0 for x in d)}
 
 
 def locate(name: str) -> str:
@@ -130,8 +118,8 @@ def main() -> int:
     print(f"ensemble: {ens.line()}", flush=True)
     assert all(r.fingerprint == ens.fingerprint for r in results)  # one set of episodes for all
     best = max(range(len(members)), key=lambda i: results[i].mean)
-    vs_best = paired(ens.accuracies, results[best].accuracies)
-    vs_each = {names[i]: paired(ens.accuracies, results[i].accuracies) for i in range(len(members))}
+    vs_best = C.paired_difference(ens.accuracies, results[best].accuracies)
+    vs_each = {names[i]: C.paired_difference(ens.accuracies, results[i].accuracies) for i in range(len(members))}
     rows.append([f"ensemble ({args.combine})", "Ensemble", f"{ens.mean:.2f} ± {ens.ci95:.2f}"])
     human = (C.table(rows, ["member", "class", "accuracy % (95% CI)"])
              + f"\nensemble - best member ({names[best]}): {vs_best['mean']:+.2f} ± {vs_best['ci95']:.2f} "
@@ -155,15 +143,8 @@ def main() -> int:
         "ensemble_minus_best_member": vs_best,
         "ensemble_minus_each_member": vs_each,
         "command": command,
-        "commit": commit(),
-        "machine": machine(),
-        "torch": torch.__version__,
-        "date": dt.date.today().isoformat(),
     }
-    C.emit(record, human, None)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    C.emit(C.stamp(record), human, args.out)
     return 0
 
 

@@ -100,7 +100,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -141,18 +140,7 @@ DEFAULT_OUT = "benchmarks/results/fashion_mnist_transfer.jsonl"
 QUICK_OUT = "bench-out/fashion_mnist_transfer_quick.jsonl"
 
 
-# --- record: command, commit, machine, date -------------------------------------------------------
-
-
-def machine() -> str:
-    """CPU model, torch threads and platform of this machine."""
-    return f"{C.cpu_model()}, {torch.get_num_threads()} torch threads, {platform.system()} {platform.machine()}"
-
-
-def commit() -> str:
-    """Current git commit, with -dirty when tracked files have changes."""
-    info = C.git_commit()
-    return f"{info['commit'][:7]}{'-dirty' if info['dirty'] else ''}"
+# --- record: command (commit and machine: _common) ------------------------------------------------
 
 
 def command() -> str:
@@ -350,12 +338,9 @@ def summarise(records: list[dict[str, Any]], setup: dict[str, Any], out: Path, a
         "setup": setup,
         "results_file": str(out),
         "command": command(),
-        "commit": commit(),
-        "machine": machine(),
-        "date": dt.date.today().isoformat(),
     }
     stem = out.with_suffix("")
-    Path(f"{stem}_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    C.write_record(summary, f"{stem}_summary.json")
     Path(f"{stem}.md").write_text(markdown(summary))
     plotted = plot(stats, Path(f"{stem}.png"), summary["eval"])
     print(markdown(summary))
@@ -582,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "correct": correct, "n_eval": len(eval_y), "split": args.split,
             "labelled_indices_sha": hashlib.sha256(idx.numpy().tobytes()).hexdigest()[:12],
             "fit_seconds": round(elapsed - info.get("eval_seconds", 0.0), 2), **info,
-            "setup_key": setup["key"], "command": command(), "commit": commit(), "machine": machine(),
+            "setup_key": setup["key"], "command": command(), "commit": C.commit(), "machine": C.machine(),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         append_jsonl(args.out, record)

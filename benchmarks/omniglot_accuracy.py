@@ -13,13 +13,10 @@ wall-clock time at which validation accuracy first reached --target (from metric
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 from pathlib import Path
 
 import _common as C
-import torch
 
 from metaxfer.build import build_dataset
 from metaxfer.config import config_from_dict
@@ -27,17 +24,6 @@ from metaxfer.evaluate import evaluate
 from metaxfer.hub import load
 from metaxfer.runtime import tune_allocator
 from metaxfer.tasks import EpisodeSampler
-
-
-def machine() -> str:
-    """CPU model, torch threads and platform of this machine."""
-    return f"{C.cpu_model()}, {torch.get_num_threads()} torch threads, {platform.system()} {platform.machine()}"
-
-
-def commit() -> str:
-    """Current git commit, with -dirty when tracked files have changes."""
-    info = C.git_commit()
-    return f"{info['commit'][:7]}{'-dirty' if info['dirty'] else ''}"
 
 
 def time_to(records: list[dict], target: float) -> dict | None:
@@ -83,12 +69,8 @@ def main() -> None:
         "results": results,
         "eval_command": "python benchmarks/omniglot_accuracy.py " + " ".join(
             f"--eval {e}" for e in args.eval) + f" --run-dir {args.run_dir} --out {args.out}",
-        "commit": commit(),
-        "machine": machine(),
-        "date": dt.date.today().isoformat(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    C.write_record(record, args.out)
 
 
 if __name__ == "__main__":

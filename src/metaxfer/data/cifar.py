@@ -43,8 +43,7 @@ from metaxfer.data.fewshot_io import (
     as_text,
     check_split,
     decode_images,
-    download_archive,
-    extract_archive,
+    download_and_extract,
     files_fingerprint,
     load_data_pickle,
     make_preprocess,
@@ -371,18 +370,12 @@ def download_cifar100(
     Raises:
         DataError: network error, checksum mismatch or a damaged archive.
     """
-    folder = Path(root).expanduser()
-    if not force and all(
-        (folder / CIFAR100_FOLDER / f).is_file() for f in ("meta", "train", "test")
-    ):
-        return folder
-    archive = download_archive(
+    return download_and_extract(
         CIFAR100_URL,
-        folder,
+        root,
+        [f"{CIFAR100_FOLDER}/{f}" for f in ("meta", "train", "test")],
         md5=CIFAR100_MD5,
         sha256=CIFAR100_SHA256,
         force=force,
         timeout=timeout,
     )
-    extract_archive(archive, folder)
-    return folder

@@ -36,10 +36,8 @@ from typing import Any
 
 from metaxfer.data.fewshot_io import (
     BenchmarkImages,
-    cache_folder,
     check_split,
-    download_archive,
-    extract_archive,
+    download_and_extract,
     group_by_class,
     load_file_pixels,
     make_preprocess,
@@ -47,6 +45,7 @@ from metaxfer.data.fewshot_io import (
 )
 from metaxfer.data.image_folder import list_images
 from metaxfer.data.images import ImagePreprocess
+from metaxfer.data.paths import cache_folder
 from metaxfer.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -241,15 +240,11 @@ def download_cub(
     Raises:
         DataError: network error, checksum mismatch or a damaged archive.
     """
-    folder = Path(root).expanduser()
-    if (
-        not force
-        and (folder / CUB_FOLDER / "classes.txt").is_file()
-        and (folder / CUB_FOLDER / "images").is_dir()
-    ):
-        return folder
-    archive = download_archive(
-        CUB_URL, folder, md5=CUB_MD5, force=force, timeout=timeout
+    return download_and_extract(
+        CUB_URL,
+        root,
+        [f"{CUB_FOLDER}/classes.txt", f"{CUB_FOLDER}/images/"],
+        md5=CUB_MD5,
+        force=force,
+        timeout=timeout,
     )
-    extract_archive(archive, folder)
-    return folder

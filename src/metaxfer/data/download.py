@@ -105,22 +105,38 @@ def download_omniglot(
         if dest.exists() and not force:
             # Existing files are trusted as they are: re-zipped copies are valid data with other checksums.
             continue
-        part = folder / (name + ".part")
-        try:
-            md5, sha, size = _fetch(url, part, timeout)
-            problems = []
-            if md5 != OMNIGLOT_MD5[name]:
-                problems.append(f"md5 {md5} (expected {OMNIGLOT_MD5[name]}), {size} bytes (expected {OMNIGLOT_SIZES[name]})")
-            want = expected_sha.get(name)
-            if want and sha != want.lower():
-                problems.append(f"sha256 {sha} (expected {want.lower()})")
-            if problems:
-                raise DataError(
-                    f"checksum mismatch for {url}: got {'; '.join(problems)}. The download is incomplete or the file "
-                    f"changed upstream; nothing was written to {dest}. Try again, or download it by hand and put it in {folder}."
-                )
-            os.replace(part, dest)
-        finally:
-            if part.exists():
-                part.unlink()
+        fetch_verified(
+            url, dest, md5=OMNIGLOT_MD5[name], sha256=expected_sha.get(name), size=OMNIGLOT_SIZES[name], timeout=timeout
+        )
     return folder
+
+
+def fetch_verified(
+    url: str, dest: Path, *, md5: str, sha256: str | None = None, size: int | None = None, timeout: float = 60.0
+) -> None:
+    """Download ``url`` to ``dest`` (its folder must exist): streamed to ``<dest>.part``, its MD5 (and
+    ``sha256``, when given) checked, then renamed into place. ``size``, when given, is quoted on a mismatch.
+
+    Raises:
+        DataError: on a network error or a checksum mismatch (the ``.part``
+            file is deleted; nothing is written under ``dest``).
+    """
+    part = dest.with_name(dest.name + ".part")
+    try:
+        got_md5, got_sha, got_size = _fetch(url, part, timeout)
+        problems = []
+        if got_md5 != md5:
+            expected_size = "" if size is None else f" (expected {size})"
+            problems.append(f"md5 {got_md5} (expected {md5}), {got_size} bytes{expected_size}")
+        if sha256 and got_sha != sha256.lower():
+            problems.append(f"sha256 {got_sha} (expected {sha256.lower()})")
+        if problems:
+            raise DataError(
+                f"checksum mismatch for {url}: got {'; '.join(problems)}. The download is incomplete or the file "
+                f"changed upstream; nothing was written to {dest}. Try again, or download it by hand and put it in "
+                f"{dest.parent}."
+            )
+        os.replace(part, dest)
+    finally:
+        if part.exists():
+            part.unlink()

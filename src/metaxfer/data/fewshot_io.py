@@ -11,8 +11,8 @@
   decode settings. A changed, added or removed file changes the key.
 * :func:`load_data_pickle` - unpickle CIFAR / tieredImageNet data files with an
   allow-list of globals (numpy arrays only), so a data file cannot run code.
-* :func:`download_archive` / :func:`extract_archive` - verified downloads of
-  official archives (never called by the tests).
+* :func:`download_archive` / :func:`extract_archive` / :func:`download_and_extract` -
+  verified downloads of official archives (never called by the tests).
 
 Decoding policy: these are benchmarks, so a corrupted or missing image is an
 error naming the file (dropping it silently would change the benchmark), unlike
@@ -27,7 +27,6 @@ import logging
 import os
 import pickle
 import tarfile
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -35,20 +34,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from metaxfer.atomic import atomic_write
-from metaxfer.data.image_folder import list_images, open_image
-from metaxfer.data.images import ImagePreprocess, PixelDataset
-from metaxfer.data.paths import DATA_ENV, resolve_cache_dir, resolve_data_root
+from metaxfer.data.download import fetch_verified
+from metaxfer.data.image_folder import as_preprocess, list_images, open_image
+from metaxfer.data.images import (
+    ImagePreprocess,
+    PixelDataset,
+    decode_images,
+    read_pixel_cache,
+    write_pixel_cache,
+)
+from metaxfer.data.paths import DATA_ENV, resolve_data_root
 from metaxfer.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 #: Bump when the cache layout or decode recipe changes: older cache files are then ignored.
 CACHE_FORMAT = 1
-_CHUNK = 256  # images held decoded at once before ImagePreprocess.to_pixels
 
 
 # ---------------------------------------------------------------- roots, preprocess, splits
@@ -95,12 +98,7 @@ def make_preprocess(
     resample: str,
 ) -> ImagePreprocess:
     """``preprocess`` (an :class:`ImagePreprocess` or its dict) or RGB at ``image_size`` without inversion."""
-    if isinstance(preprocess, ImagePreprocess):
-        return preprocess
-    if isinstance(preprocess, dict):
-        return ImagePreprocess.from_dict(preprocess)
-    size = image_size if isinstance(image_size, int) else tuple(image_size)
-    return ImagePreprocess(size=size, mode="RGB", invert=False, resample=resample)  # type: ignore[arg-type]
+    return as_preprocess(preprocess, image_size, "RGB", False, resample)
 
 
 def check_split(dataset: str, split: str, splits: Sequence[str]) -> tuple[str, ...]:
@@ -168,6 +166,20 @@ def class_folders(folder: Path, dataset: str) -> tuple[list[str], list[list[Path
     return [d.name for d in dirs], files
 
 
+def check_disjoint(new: Iterable[str], names: Iterable[str], root: Path) -> None:
+    """Raise when the classes ``new`` of one split part repeat classes ``names`` of an earlier part (trainval).
+
+    Raises:
+        DataError: naming the shared classes and ``root``.
+    """
+    clash = sorted(set(new) & set(names))
+    if clash:
+        raise DataError(
+            f"classes {', '.join(clash[:5])} appear in both the train and val split of "
+            f"{root}; the splits must be class-disjoint"
+        )
+
+
 def nested_hint(root: Path, relative: str) -> str:
     """`` (found X: did you mean root=Y?)`` when ``root/<child>/<relative>`` exists one level down."""
     if not root.is_dir():
@@ -194,10 +206,6 @@ class BenchmarkImages(PixelDataset):
     split: str
     root: Path
     _record: dict[str, Any]
-
-    def tensors(self) -> tuple[Tensor, Tensor]:
-        """All examples: ``float32 [N, C, H, W]`` images and ``int64 [N]`` labels."""
-        return self.preprocess.from_pixels(self._pixels), self.labels
 
     def describe(self) -> dict[str, Any]:
         """What identifies this data in a result record (JSON-friendly)."""
@@ -268,39 +276,6 @@ def decode_files(
     return decode_images(len(files), lambda i: open_image(files[i]), preprocess, desc)
 
 
-def decode_images(
-    count: int,
-    load: Callable[[int], Image.Image],
-    preprocess: ImagePreprocess,
-    desc: str,
-) -> Tensor:
-    """``preprocess.to_pixels`` over ``load(0) .. load(count - 1)`` in chunks, with a progress bar."""
-    from tqdm import tqdm  # plain tqdm: tqdm.auto warns in notebooks without ipywidgets
-
-    h, w = preprocess.height_width
-    pixels = torch.empty((count, preprocess.channels, h, w), dtype=torch.uint8)
-    logger.info("decoding %d images (%s); done once, then cached", count, desc)
-    with tqdm(total=count, desc=desc, unit="img", disable=None, leave=False) as bar:
-        for start in range(0, count, _CHUNK):
-            stop = min(start + _CHUNK, count)
-            pixels[start:stop] = preprocess.to_pixels(
-                [load(i) for i in range(start, stop)]
-            )
-            bar.update(stop - start)
-    return pixels
-
-
-def cache_folder(
-    cache: bool | str | os.PathLike[str] | None, dataset: str
-) -> Path | None:
-    """``True`` -> the default cache folder of ``dataset``, ``False``/``None`` -> no cache, else the path."""
-    if cache is True:
-        return resolve_cache_dir(dataset)
-    if cache is False or cache is None:
-        return None
-    return Path(cache).expanduser()
-
-
 def cached_pixels(
     cache_dir: Path | None,
     stem: str,
@@ -343,56 +318,25 @@ def cached_pixels(
 def _read_cache(
     file: Path, fingerprint: str, key: str, shape: tuple[int, ...]
 ) -> Tensor | None:
-    from safetensors import SafetensorError, safe_open
+    def parse(meta: dict[str, str], pixels: Tensor) -> Tensor | None:
+        ok = (
+            meta.get("format") == str(CACHE_FORMAT)
+            and meta.get("fingerprint") == fingerprint
+            and meta.get("decode_key") == key
+            and pixels.dtype == torch.uint8
+            and tuple(pixels.shape) == shape
+        )
+        return pixels if ok else None
 
-    if not file.is_file():
-        return None
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            meta = f.metadata() or {}
-            pixels = f.get_tensor("pixels")
-    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
-        # An unreadable cache is only a cache miss.
-        warnings.warn(
-            f"ignoring unreadable cache {file} ({type(e).__name__}: {e}); decoding again",
-            stacklevel=4,
-        )
-        return None
-    ok = (
-        meta.get("format") == str(CACHE_FORMAT)
-        and meta.get("fingerprint") == fingerprint
-        and meta.get("decode_key") == key
-        and pixels.dtype == torch.uint8
-        and tuple(pixels.shape) == shape
-    )
-    if not ok:
-        warnings.warn(
-            f"ignoring cache {file}: it does not match the data or settings; decoding again",
-            stacklevel=4,
-        )
-        return None
-    logger.info("loaded decoded images from cache %s", file)
+    pixels = read_pixel_cache(file, parse, stacklevel=4)
+    if pixels is not None:
+        logger.info("loaded decoded images from cache %s", file)
     return pixels
 
 
 def _write_cache(file: Path, pixels: Tensor, fingerprint: str, key: str) -> None:
-    from safetensors.torch import save_file
-
     meta = {"format": str(CACHE_FORMAT), "fingerprint": fingerprint, "decode_key": key}
-    try:
-        atomic_write(
-            file,
-            lambda tmp: save_file(
-                {"pixels": pixels.contiguous()}, str(tmp), metadata=meta
-            ),
-        )
-        logger.info("cached decoded images in %s", file)
-    except OSError as e:
-        # A read-only or full cache folder must not stop training; it only costs a decode next time.
-        warnings.warn(
-            f"could not write cache {file} ({e}); set METAXFER_CACHE to a writable folder",
-            stacklevel=4,
-        )
+    write_pixel_cache(file, pixels, meta, stacklevel=4)
 
 
 # ---------------------------------------------------------------- pickles
@@ -528,29 +472,11 @@ def download_archive(
     Raises:
         DataError: network error or checksum mismatch (nothing is left under the real name).
     """
-    from metaxfer.data.download import _fetch
-
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / url.rsplit("/", 1)[-1].split("?", 1)[0]
     if dest.exists() and not force:
         return dest
-    part = dest.with_name(dest.name + ".part")
-    try:
-        got_md5, got_sha, size = _fetch(url, part, timeout)
-        problems = []
-        if got_md5 != md5:
-            problems.append(f"md5 {got_md5} (expected {md5}), {size} bytes")
-        if sha256 and got_sha != sha256.lower():
-            problems.append(f"sha256 {got_sha} (expected {sha256.lower()})")
-        if problems:
-            raise DataError(
-                f"checksum mismatch for {url}: got {'; '.join(problems)}. The download is incomplete or the "
-                f"file changed upstream; nothing was written to {dest}. Try again, or download it by hand into {folder}."
-            )
-        os.replace(part, dest)
-    finally:
-        if part.exists():
-            part.unlink()
+    fetch_verified(url, dest, md5=md5, sha256=sha256, timeout=timeout)
     return dest
 
 
@@ -585,6 +511,33 @@ def extract_archive(archive: Path, folder: Path) -> None:
             f"{archive} cannot be extracted ({type(e).__name__}: {e}); it is truncated or corrupted: "
             "delete it and download it again"
         ) from None
+
+
+def download_and_extract(
+    url: str,
+    root: str | os.PathLike[str],
+    extracted: Sequence[str],
+    *,
+    md5: str,
+    sha256: str | None = None,
+    force: bool = False,
+    timeout: float = 60.0,
+) -> Path:
+    """:func:`download_archive` ``url`` into ``root``, then :func:`extract_archive` it there; returns ``root``.
+
+    Unless ``force``, nothing is done when every path of ``extracted`` (relative to ``root``: files,
+    or folders with a trailing ``/``) exists.
+
+    Raises:
+        DataError: network error, checksum mismatch or a damaged archive.
+    """
+    folder = Path(root).expanduser()
+    present = ((folder / p).is_dir() if p.endswith("/") else (folder / p).is_file() for p in extracted)
+    if not force and all(present):
+        return folder
+    archive = download_archive(url, folder, md5=md5, sha256=sha256, force=force, timeout=timeout)
+    extract_archive(archive, folder)
+    return folder
 
 
 def load_file_pixels(

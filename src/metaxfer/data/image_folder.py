@@ -17,6 +17,7 @@ two classes, or a root that does not exist.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
@@ -91,6 +92,20 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
         raise DataError(f"{p} is not a readable image ({type(e).__name__}: {e}); replace or delete the file") from None
 
 
+def open_png_bytes(data: bytes, what: str, fix: str) -> Image.Image:
+    """Decode one in-memory PNG (from a zip or a pickle) fully.
+
+    Raises:
+        DataError: ``"<what> is not a readable PNG (<error>)<fix>"``, when it is not a readable image.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # Pillow decodes lazily: force it here so errors name this image
+    except _DECODE_ERRORS as e:
+        raise DataError(f"{what} is not a readable PNG ({type(e).__name__}: {e}){fix}") from e
+    return image
+
+
 def load_images(
     files: Sequence[Path], preprocess: ImagePreprocess
 ) -> tuple[Tensor, list[int], list[tuple[Path, str]]]:
@@ -137,8 +152,9 @@ def warn_skipped(skipped: Sequence[tuple[Path, str]], what: str = "images", stac
     )
 
 
-def _as_preprocess(preprocess: ImagePreprocess | dict[str, Any] | None, image_size: int | Sequence[int], mode: str,
-                   invert: bool, resample: str) -> ImagePreprocess:
+def as_preprocess(preprocess: ImagePreprocess | dict[str, Any] | None, image_size: int | Sequence[int], mode: str,
+                  invert: bool, resample: str) -> ImagePreprocess:
+    """``preprocess`` (an :class:`ImagePreprocess` or its dict), else one made of the other arguments."""
     if isinstance(preprocess, ImagePreprocess):
         return preprocess
     if isinstance(preprocess, dict):
@@ -203,7 +219,7 @@ class ImageFolder(PixelDataset):
     ) -> None:
         self.root = Path(root).expanduser()
         self.split = split
-        self.preprocess = _as_preprocess(preprocess, image_size, mode, invert, resample)
+        self.preprocess = as_preprocess(preprocess, image_size, mode, invert, resample)
         if not self.root.is_dir():
             what = "is a file, not a folder" if self.root.exists() else "does not exist"
             raise DataError(f"image folder {self.root} {what}; pass the folder that holds one sub-folder per class")
@@ -246,10 +262,6 @@ class ImageFolder(PixelDataset):
             )
         self._pixels = pixels
         logger.info("loaded %d images of %d classes from %s", len(self.files), len(self.class_names), self.root)
-
-    def tensors(self) -> tuple[Tensor, Tensor]:
-        """All examples: ``float32 [N, C, H, W]`` images and ``int64 [N]`` labels."""
-        return self.preprocess.from_pixels(self._pixels), self.labels
 
     def describe(self) -> dict[str, Any]:
         """What identifies this data in a result record (JSON-friendly)."""

@@ -21,16 +21,23 @@ equal bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from metaxfer.atomic import atomic_write
 from metaxfer.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -231,9 +238,85 @@ class PixelDataset:
         i = int(index)
         return self.preprocess.from_pixels(self._pixels[i]), int(self.labels[i])
 
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """All examples: ``float32 [N, C, H, W]`` images and ``int64 [N]`` labels."""
+        return self.preprocess.from_pixels(self._pixels), self.labels
+
     def gather(self, indices: Tensor) -> Tensor:
         """Images at ``indices`` (``int64 [k]``, or any shape) as ``float32 [*indices.shape, C, H, W]``.
 
         One vectorised index into the ``uint8`` tensor, then scaling.
         """
         return self.preprocess.from_pixels(self._pixels[torch.as_tensor(indices, dtype=torch.long)])
+
+
+# ---------------------------------------------------------------- decoding and the pixel cache of datasets
+
+
+def decode_images(
+    count: int, load: Callable[[int], Image.Image], preprocess: ImagePreprocess, desc: str, chunk: int = 256
+) -> Tensor:
+    """``preprocess.to_pixels`` over ``load(0) .. load(count - 1)`` in chunks, with a progress bar.
+
+    Returns ``uint8 [count, C, H, W]``; ``chunk`` images are held decoded at once. Errors raised by
+    ``load`` (which should name the image) propagate.
+    """
+    from tqdm import tqdm  # plain tqdm: tqdm.auto warns in notebooks without ipywidgets
+
+    h, w = preprocess.height_width
+    pixels = torch.empty((count, preprocess.channels, h, w), dtype=torch.uint8)
+    logger.info("decoding %d images (%s); done once, then cached", count, desc)
+    with tqdm(total=count, desc=desc, unit="img", disable=None, leave=False) as bar:
+        for start in range(0, count, chunk):
+            stop = min(start + chunk, count)
+            pixels[start:stop] = preprocess.to_pixels([load(i) for i in range(start, stop)])
+            bar.update(stop - start)
+    return pixels
+
+
+def read_pixel_cache(
+    file: Path, parse: Callable[[dict[str, str], Tensor], _T | None], what: str = "cache", source: str = "the data",
+    redo: str = "decoding again", stacklevel: int = 2,
+) -> _T | None:
+    """``parse(metadata, pixels)`` of a cache file written by :func:`write_pixel_cache`, or None.
+
+    A bad cache is only a cache miss: None without a warning when ``file`` does not exist,
+    with a warning when it cannot be read (any exception, in ``parse`` too) or when ``parse``
+    rejects it by returning None. ``what``, ``source`` and ``redo`` word the warnings;
+    ``stacklevel`` is counted from the caller of this function.
+    """
+    from safetensors import safe_open
+
+    if not file.is_file():
+        return None
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            pixels = f.get_tensor("pixels")
+        result = parse(meta, pixels)
+    except Exception as e:  # noqa: BLE001  any unreadable cache is only a cache miss
+        warnings.warn(f"ignoring unreadable {what} {file} ({type(e).__name__}: {e}); {redo}", stacklevel=stacklevel + 1)
+        return None
+    if result is None:
+        msg = f"ignoring {what} {file}: it does not match {source} or settings; {redo}"
+        warnings.warn(msg, stacklevel=stacklevel + 1)
+    return result
+
+
+def write_pixel_cache(
+    file: Path, pixels: Tensor, meta: dict[str, str], what: str = "cache", stacklevel: int = 2
+) -> None:
+    """Save ``pixels`` (``uint8``) with string ``meta`` to the safetensors ``file``, atomically.
+
+    Temp file + fsync + os.replace: readers (other processes too) see either no cache or a
+    complete one, never a half-written file. A read-only or full cache folder only warns
+    (``stacklevel`` counted from the caller): it costs a decode next time, not the run.
+    """
+    from safetensors.torch import save_file
+
+    try:
+        atomic_write(file, lambda tmp: save_file({"pixels": pixels.contiguous()}, str(tmp), metadata=meta))
+        logger.info("cached decoded images in %s", file)
+    except OSError as e:
+        msg = f"could not write {what} {file} ({e}); set METAXFER_CACHE to a writable folder"
+        warnings.warn(msg, stacklevel=stacklevel + 1)

@@ -33,7 +33,7 @@ from typing import Any
 
 from metaxfer.data.fewshot_io import (
     BenchmarkImages,
-    cache_folder,
+    check_disjoint,
     check_split,
     class_folders,
     group_by_class,
@@ -43,6 +43,7 @@ from metaxfer.data.fewshot_io import (
     resolve_benchmark_root,
 )
 from metaxfer.data.images import ImagePreprocess
+from metaxfer.data.paths import cache_folder
 from metaxfer.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -194,12 +195,7 @@ class MiniImageNet(BenchmarkImages):
                     f"train.csv, val.csv and test.csv ('filename,label' rows) next to images/, or one folder "
                     f"per split of class folders ({self.root / part}/n01532829/*.jpg)"
                 )
-            clash = sorted(set(n) & set(names))
-            if clash:
-                raise DataError(
-                    f"classes {', '.join(clash[:5])} appear in both the train and val split of "
-                    f"{self.root}; the splits must be class-disjoint"
-                )
+            check_disjoint(n, names, self.root)
             names += n
             per_class += f
         self.layout = "+".join(sorted(layouts))

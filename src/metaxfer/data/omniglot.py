@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
-import warnings
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -47,12 +45,12 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
-from metaxfer.atomic import atomic_write
-from metaxfer.data.images import ImagePreprocess, PixelDataset
-from metaxfer.data.paths import resolve_cache_dir, resolve_data_root
+from metaxfer.data.image_folder import open_png_bytes
+from metaxfer.data.images import ImagePreprocess, PixelDataset, decode_images, read_pixel_cache, write_pixel_cache
+from metaxfer.data.paths import cache_folder, resolve_data_root
 from metaxfer.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -192,32 +190,21 @@ def _read_image(zf: zipfile.ZipFile, path: Path, member: str) -> Image.Image:
             f"{path}: member {member} cannot be read ({type(e).__name__}: {e}); the zip is corrupted. "
             f"Delete {path} and get it again (metaxfer.data.download_omniglot({str(path.parent)!r}) or a fresh copy)."
         ) from e
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()  # Pillow decodes lazily: force it here so errors name this member
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(
-            f"{path}: member {member} is not a readable PNG ({type(e).__name__}: {e}). "
-            f"The zip is damaged: delete {path} and get it again "
-            f"(metaxfer.data.download_omniglot({str(path.parent)!r}) or a fresh copy)."
-        ) from e
-    return image
+    return open_png_bytes(
+        data,
+        f"{path}: member {member}",
+        f". The zip is damaged: delete {path} and get it again "
+        f"(metaxfer.data.download_omniglot({str(path.parent)!r}) or a fresh copy).",
+    )
 
 
 def _decode_zip(path: Path, preprocess: ImagePreprocess, sha256: str) -> DecodedZip:
     """Decode every PNG of one zip through ``preprocess.to_pixels`` (the slow path, ~1 ms per image)."""
-    from tqdm import tqdm  # plain tqdm: tqdm.auto warns in notebooks without ipywidgets
-
     with _open_zip(path) as zf:
         characters, counts, members = _scan(zf, path)
-        h, w = preprocess.height_width
-        pixels = torch.empty((len(members), preprocess.channels, h, w), dtype=torch.uint8)
-        logger.info("decoding %d Omniglot images from %s (done once, then cached)", len(members), path)
-        with tqdm(total=len(members), desc=f"decoding {path.name}", unit="img", disable=None, leave=False) as bar:
-            for start in range(0, len(members), _CHUNK):
-                chunk = members[start : start + _CHUNK]
-                pixels[start : start + len(chunk)] = preprocess.to_pixels([_read_image(zf, path, m) for m in chunk])
-                bar.update(len(chunk))
+        pixels = decode_images(
+            len(members), lambda i: _read_image(zf, path, members[i]), preprocess, f"decoding {path.name}", _CHUNK
+        )
     return DecodedZip(path.name, sha256, pixels, characters, counts, members)
 
 
@@ -228,14 +215,7 @@ def _cache_file(cache_dir: Path, path: Path, sha256: str, preprocess: ImagePrepr
 
 
 def _read_cache(file: Path, sha256: str, preprocess: ImagePreprocess, zip_name: str) -> DecodedZip | None:
-    from safetensors import safe_open
-
-    if not file.is_file():
-        return None
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            meta = f.metadata() or {}
-            pixels = f.get_tensor("pixels")
+    def parse(meta: dict[str, str], pixels: Tensor) -> DecodedZip | None:
         characters = json.loads(meta["characters"])
         counts = [int(c) for c in json.loads(meta["counts"])]
         members = json.loads(meta["members"])
@@ -249,18 +229,12 @@ def _read_cache(file: Path, sha256: str, preprocess: ImagePreprocess, zip_name: 
             and sum(counts) == len(members)
             and len(counts) == len(characters)
         )
-    except Exception as e:  # any unreadable cache is only a cache miss
-        warnings.warn(f"ignoring unreadable Omniglot cache {file} ({type(e).__name__}: {e}); decoding the zip again", stacklevel=3)
-        return None
-    if not ok:
-        warnings.warn(f"ignoring Omniglot cache {file}: it does not match the zip or settings; decoding the zip again", stacklevel=3)
-        return None
-    return DecodedZip(zip_name, sha256, pixels, characters, counts, members)
+        return DecodedZip(zip_name, sha256, pixels, characters, counts, members) if ok else None
+
+    return read_pixel_cache(file, parse, "Omniglot cache", "the zip", "decoding the zip again", stacklevel=3)
 
 
 def _write_cache(file: Path, decoded: DecodedZip, preprocess: ImagePreprocess) -> None:
-    from safetensors.torch import save_file
-
     meta = {
         "format": str(FORMAT_VERSION),
         "zip_name": decoded.zip_name,
@@ -270,14 +244,7 @@ def _write_cache(file: Path, decoded: DecodedZip, preprocess: ImagePreprocess) -
         "counts": json.dumps(decoded.counts),
         "members": json.dumps(decoded.members),
     }
-    try:
-        # Temp file + fsync + os.replace: readers (other processes too) see either no
-        # cache or a complete one, never a half-written file.
-        atomic_write(file, lambda tmp: save_file({"pixels": decoded.pixels.contiguous()}, str(tmp), metadata=meta))
-        logger.info("cached decoded Omniglot images in %s", file)
-    except OSError as e:
-        # A read-only or full cache folder must not stop training; it only costs a decode next time.
-        warnings.warn(f"could not write Omniglot cache {file} ({e}); set METAXFER_CACHE to a writable folder", stacklevel=3)
+    write_pixel_cache(file, decoded.pixels, meta, "Omniglot cache", stacklevel=3)
 
 
 def load_zip(path: Path, preprocess: ImagePreprocess, cache_dir: Path | None) -> DecodedZip:
@@ -429,12 +396,7 @@ class Omniglot(PixelDataset):
         self.rotations = _normalise_rotations(rotations, protocol)
         self.preprocess = ImagePreprocess(size=self.image_size, mode="L", invert=True, resample="lanczos")
         self.root = resolve_data_root(root, "omniglot")
-        if cache is True:
-            cache_dir: Path | None = resolve_cache_dir("omniglot")
-        elif cache is False or cache is None:
-            cache_dir = None
-        else:
-            cache_dir = Path(cache).expanduser()
+        cache_dir = cache_folder(cache, "omniglot")
 
         if protocol == "lake":
             zip_names: tuple[str, ...] = (BACKGROUND_ZIP,) if split == "train" else (EVALUATION_ZIP,)

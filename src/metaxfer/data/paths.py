@@ -59,3 +59,12 @@ def resolve_cache_dir(dataset: str = "omniglot") -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "metaxfer" / dataset
+
+
+def cache_folder(cache: bool | str | os.PathLike[str] | None, dataset: str) -> Path | None:
+    """A dataset's ``cache=`` argument: True -> :func:`resolve_cache_dir`, False/None -> no cache, else the path."""
+    if cache is True:
+        return resolve_cache_dir(dataset)
+    if cache is False or cache is None:
+        return None
+    return Path(cache).expanduser()

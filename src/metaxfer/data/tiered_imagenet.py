@@ -28,7 +28,6 @@ pixels are cached (safetensors) in ``$METAXFER_CACHE/tiered_imagenet`` or
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Sequence
@@ -38,14 +37,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
 from metaxfer.data.fewshot_io import (
     BenchmarkImages,
     as_text,
-    cache_folder,
     cached_pixels,
+    check_disjoint,
     check_split,
     class_folders,
     decode_images,
@@ -58,7 +57,9 @@ from metaxfer.data.fewshot_io import (
     pickle_get,
     resolve_benchmark_root,
 )
+from metaxfer.data.image_folder import open_png_bytes
 from metaxfer.data.images import ImagePreprocess
+from metaxfer.data.paths import cache_folder
 from metaxfer.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -134,21 +135,9 @@ def _decode_png_pickle(
     def load(i: int) -> Image.Image:
         item = images[i]
         data = item.tobytes() if isinstance(item, np.ndarray) else bytes(item)
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                return im.copy()
-        except (
-            UnidentifiedImageError,
-            OSError,
-            SyntaxError,
-            ValueError,
-            Image.DecompressionBombError,
-        ) as e:
-            raise DataError(
-                f"{path}: image {i} is not a readable PNG ({type(e).__name__}: {e}); the file is damaged: "
-                f"{_FRESH_COPY}"
-            ) from None
+        return open_png_bytes(
+            data, f"{path}: image {i}", f"; the file is damaged: {_FRESH_COPY}"
+        )
 
     return decode_images(count, load, preprocess, f"decoding {stem}")
 
@@ -242,12 +231,7 @@ class TieredImageNet(BenchmarkImages):
                         _decode_png_pickle, images_pkl, len(lab), self.preprocess, stem
                     ),
                 )
-            clash = sorted(set(n) & set(names))
-            if clash:
-                raise DataError(
-                    f"classes {', '.join(clash[:5])} appear in both the train and val split of "
-                    f"{self.root}; the splits must be class-disjoint"
-                )
+            check_disjoint(n, names, self.root)
             labels.append(lab + len(names))
             names += n
             pixels.append(pix)
