@@ -24,7 +24,7 @@ from metaxfer.learners.support import EvalModule, check_support_classes
 from metaxfer.tasks.episode import Episode
 from metaxfer.transfer.heads import HEADS, CosineClassifier, fit_head
 
-__all__ = ["Baseline", "BaselinePlusPlus", "HeadPredictor", "backbone_feature_dim"]
+__all__ = ["Baseline", "BaselinePlusPlus", "HeadPredictor", "backbone_feature_dim", "supervised_examples"]
 
 
 def backbone_feature_dim(backbone: nn.Module, given: int | None = None) -> int:
@@ -58,6 +58,36 @@ def _check_int(name: str, value: object, minimum: int, hint: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
     return value
+
+
+def supervised_examples(batch: Episode, num_base_classes: int, learner: str, classifier: str,
+                        fix: str) -> tuple[Tensor, Tensor]:
+    """The images ``[T*B, *x_shape]`` and global labels ``[T*B]`` of a supervised pretraining batch, checked.
+
+    Args:
+        batch: a :class:`~metaxfer.tasks.supervised.ClassBatchSampler` batch: examples as the
+            support set (``[T, B, ...]`` or ``[B, ...]``), no queries.
+        num_base_classes: labels must lie in ``0 .. num_base_classes-1``.
+        learner: the learner's name, for the error messages.
+        classifier: what classifies the base classes (``"the classifier has"``), for the label error.
+        fix: what to change when a label is out of range.
+
+    Raises:
+        ConfigError: an episode with queries (episode-local labels): pretraining needs ``train.sampler: classes``.
+        EpisodeError: a label outside ``0 .. num_base_classes-1``.
+    """
+    batch = batch.batch()
+    if batch.query_y.numel() != 0:
+        raise ConfigError(f"{learner} pretrains on supervised batches with global labels, got an episode with "
+                          "queries (episode-local labels); set train.sampler: classes (and train.batch_size) or use "
+                          "metaxfer.ClassBatchSampler")
+    x = batch.support_x.reshape(-1, *batch.support_x.shape[2:])
+    y = batch.support_y.reshape(-1)
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_base_classes:
+        raise EpisodeError(f"a pretraining label is {hi if hi >= num_base_classes else lo} but {classifier} "
+                           f"num_base_classes={num_base_classes}; {fix}")
+    return x, y
 
 
 class Baseline(Learner):
@@ -154,18 +184,9 @@ class Baseline(Learner):
                 pretraining needs ``train.sampler: classes``.
             EpisodeError: for labels outside ``0 .. num_base_classes-1``.
         """
-        batch = batch.batch()
-        if batch.query_y.numel() != 0:
-            raise ConfigError(f"{type(self).__name__} pretrains on supervised batches with global labels, got an "
-                              "episode with queries (episode-local labels); set train.sampler: classes (and "
-                              "train.batch_size) or use metaxfer.ClassBatchSampler")
-        x = batch.support_x.reshape(-1, *batch.support_x.shape[2:])
-        y = batch.support_y.reshape(-1)
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= self.num_base_classes:
-            raise EpisodeError(f"a pretraining label is {hi if hi >= self.num_base_classes else lo} but the classifier "
-                               f"has num_base_classes={self.num_base_classes}; set model.learner_args.num_base_classes "
-                               "to the number of classes of the training split (ClassBatchSampler.num_classes)")
+        x, y = supervised_examples(batch, self.num_base_classes, type(self).__name__, "the classifier has",
+                                   "set model.learner_args.num_base_classes to the number of classes of the training "
+                                   "split (ClassBatchSampler.num_classes)")
         logits = self.head(self.backbone(x))
         self.last_metrics = {"accuracy": (logits.argmax(-1) == y).float().mean().item()}
         return F.cross_entropy(logits, y)

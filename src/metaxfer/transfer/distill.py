@@ -51,11 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaxfer.errors import CheckpointError, ConfigError, EpisodeError
+from metaxfer.errors import CheckpointError, ConfigError
 from metaxfer.learners.base import Learner
 from metaxfer.learners.registry import create_learner, register_learner
 from metaxfer.tasks.episode import Episode
-from metaxfer.transfer.baseline import Baseline, HeadPredictor
+from metaxfer.transfer.baseline import Baseline, HeadPredictor, supervised_examples
 from metaxfer.transfer.finetune import BodyHead
 
 __all__ = ["DISTILL_ARGS", "Distill", "FrozenTeacher", "as_teacher", "distillation_loss", "soft_target_loss",
@@ -394,19 +394,10 @@ class Distill(Learner):
                 distillation needs ``train.sampler: classes``.
             EpisodeError: for labels outside ``0 .. num_base_classes-1``.
         """
-        batch = batch.batch()
-        if batch.query_y.numel() != 0:
-            raise ConfigError("Distill pretrains on supervised batches with global labels, got an episode with "
-                              "queries (episode-local labels); set train.sampler: classes (and train.batch_size) or "
-                              "use metaxfer.ClassBatchSampler")
-        x = batch.support_x.reshape(-1, *batch.support_x.shape[2:])
-        y = batch.support_y.reshape(-1)
-        classes = self.student.num_base_classes
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= classes:
-            raise EpisodeError(f"a pretraining label is {hi if hi >= classes else lo} but the student and teacher "
-                               f"classify num_base_classes={classes}; distil on the training split both were built "
-                               "for (ClassBatchSampler.num_classes classes)")
+        x, y = supervised_examples(batch, self.student.num_base_classes, "Distill",
+                                   "the student and teacher classify",
+                                   "distil on the training split both were built for (ClassBatchSampler.num_classes "
+                                   "classes)")
         student_logits = self.logits(x)
         teacher_logits = self.teacher(x)
         soft = soft_target_loss(student_logits, teacher_logits, self.temperature)
