@@ -214,20 +214,11 @@ def _labelled(folder: str, preprocess: dict[str, Any], class_names: list[str] | 
 
 def _accuracy(model: Any, x: Any, y: Any, device: str) -> tuple[float, float, int]:
     """Accuracy in percent, its 95% CI half-width over the images, and the number of images."""
-    import torch
-
     from metaxfer.evaluate.evaluate import mean_ci95
+    from metaxfer.transfer.heads import extract_features
 
-    was_training = model.training
-    model.eval()
-    correct = []
-    try:
-        with torch.no_grad():
-            for start in range(0, x.shape[0], _EVAL_BATCH):
-                logits = model(x[start : start + _EVAL_BATCH].to(device))
-                correct += (logits.argmax(-1).cpu() == y[start : start + _EVAL_BATCH]).float().mul(100).tolist()
-    finally:
-        model.train(was_training)
+    logits = extract_features(model, x, batch_size=_EVAL_BATCH, transform=lambda batch: batch.to(device))
+    correct = (logits.argmax(-1).cpu() == y).float().mul(100).tolist()
     mean, ci, _ = mean_ci95(correct)
     return mean, ci, len(correct)
 
