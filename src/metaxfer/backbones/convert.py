@@ -117,7 +117,7 @@ def load_state_dict_mapped(
 
     Example:
         >>> net = ResNet18()
-        >>> load_state_dict_mapped(net, torch.load("ddp.pth"), rules=[(r"^module\\.", "")])
+        >>> load_state_dict_mapped(net, torch.load("ddp.pth", weights_only=True), rules=[(r"^module\\.", "")])
     """
     renamed, ignored = map_keys(state_dict, key_map, rules, ignore)
     own = module.state_dict()

@@ -214,7 +214,7 @@ def load_torchvision_resnet(model: ResNet18, state_dict: Mapping[str, Tensor]) -
 
     Example:
         >>> net = ResNet18()                      # features only
-        >>> load_torchvision_resnet(net, torch.load("resnet18-f37072fd.pth"))
+        >>> load_torchvision_resnet(net, torch.load("resnet18-f37072fd.pth", weights_only=True))
     """
     ignore = [r"(module\.|model\.)?fc\..*"] if model.fc is None else []
     return load_state_dict_mapped(model, state_dict, rules=TORCHVISION_RESNET_RULES, ignore=ignore)
