@@ -47,3 +47,22 @@ def small_conv4() -> torch.nn.Module:
     from metaxfer.backbones import create
 
     return create("conv4", in_channels=1, hidden=8, image_size=16)
+
+
+def adam_steps(learner: torch.nn.Module, sampler, steps: int = 30, tasks: int = 2, lr: float = 1e-2) -> list[float]:
+    """Meta-train ``learner`` with plain Adam on ``sampler.sample_batch(tasks)``; the loss of every step."""
+    opt = torch.optim.Adam(learner.parameters(), lr)
+    losses = []
+    for _ in range(steps):
+        loss = learner.loss(sampler.sample_batch(tasks))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture
+def meta_train():
+    """:func:`adam_steps`: the short training loop the learners' "it learns" tests share."""
+    return adam_steps

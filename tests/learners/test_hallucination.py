@@ -177,18 +177,11 @@ def test_adapt_is_deterministic_given_seed_and_pure(clusters, small_conv4) -> No
     assert learner.training and learner.backbone.training and learner.generator.training
 
 
-def test_learns_gaussian_clusters(clusters, small_conv4) -> None:
+def test_learns_gaussian_clusters(clusters, small_conv4, meta_train) -> None:
     torch.manual_seed(0)
     learner = HallucinationNet(small_conv4, n_hallucinated=3, noise_dim=4)
     sampler = EpisodeSampler(clusters, 5, 1, 5, seed=0)
-    opt = torch.optim.Adam(learner.parameters(), 1e-2)
-    losses = []
-    for _ in range(30):
-        loss = learner.loss(sampler.sample_batch(2))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = meta_train(learner, sampler)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert 0.0 <= learner.last_metrics["accuracy"] <= 1.0
     test = EpisodeSampler(clusters, 5, 1, 5, seed=1).fixed_episodes(10, seed=1)

@@ -126,18 +126,11 @@ def test_svm_gradient_matches_finite_differences():
 
 
 @pytest.mark.parametrize("head", ["ridge", "svm"])
-def test_learns_gaussian_clusters(clusters, head):
+def test_learns_gaussian_clusters(clusters, head, meta_train):
     torch.manual_seed(0)
     learner = MetaOptNet(mlp(), head=head, ridge_lambda=1.0, label_smoothing=0.1)
     sampler = EpisodeSampler(clusters, 5, 1, 5, seed=0)
-    opt = torch.optim.Adam(learner.parameters(), 1e-2)
-    losses = []
-    for _ in range(30):
-        loss = learner.loss(sampler.sample_batch(2))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = meta_train(learner, sampler)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5  # label smoothing keeps the loss above ~0.5
     test = EpisodeSampler(clusters, 5, 1, 5, seed=99).sample()
     acc = (learner.adapt(test.support_x, test.support_y)(test.query_x).argmax(-1) == test.query_y).float().mean()

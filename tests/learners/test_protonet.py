@@ -47,18 +47,11 @@ def test_adapt_does_not_mutate_and_is_not_transductive(clusters, small_conv4):
     assert learner.training  # mode restored
 
 
-def test_protonet_learns_gaussian_clusters(clusters, small_conv4):
+def test_protonet_learns_gaussian_clusters(clusters, small_conv4, meta_train):
     torch.manual_seed(0)
     learner = ProtoNet(small_conv4)
     sampler = EpisodeSampler(clusters, 5, 1, 5, seed=0)
-    opt = torch.optim.Adam(learner.parameters(), 1e-2)
-    losses = []
-    for _ in range(30):
-        loss = learner.loss(sampler.sample_batch(2))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = meta_train(learner, sampler)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert 0.0 <= learner.last_metrics["accuracy"] <= 1.0
 

@@ -85,18 +85,11 @@ def test_losses_and_gradients_reach_backbone(clusters28, loss):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_learns_gaussian_clusters(clusters28):
+def test_learns_gaussian_clusters(clusters28, meta_train):
     torch.manual_seed(0)
     learner = small()
     sampler = EpisodeSampler(clusters28, 5, 1, 3, seed=0)
-    opt = torch.optim.Adam(learner.parameters(), 1e-2)
-    losses = []
-    for _ in range(30):
-        loss = learner.loss(sampler.sample_batch(2))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = meta_train(learner, sampler)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     test = EpisodeSampler(clusters28, 5, 1, 5, seed=99).sample()
     acc = (learner.adapt(test.support_x, test.support_y)(test.query_x).argmax(-1) == test.query_y).float().mean()
