@@ -8,7 +8,7 @@ from torch import nn
 from metaxfer import ProtoNet, build_learner
 from metaxfer.errors import ConfigError, EpisodeError
 from metaxfer.learners import LEARNERS, HallucinationNet
-from metaxfer.learners.hallucination import Hallucinator
+from metaxfer.learners.hallucination import CVAEHallucinator, Hallucinator, draw_members
 from metaxfer.tasks import Episode, EpisodeSampler
 
 
@@ -245,3 +245,122 @@ def test_save_and_load_roundtrip(tmp_path, clusters) -> None:
     ep = EpisodeSampler(clusters, 3, 1, 2, seed=0).sample()
     assert torch.equal(learner.adapt(ep.support_x, ep.support_y, seed=5)(ep.query_x),
                        loaded.adapt(ep.support_x, ep.support_y, seed=5)(ep.query_x))
+
+
+def test_draw_members_picks_each_class_uniformly() -> None:
+    labels = torch.tensor([2, 0, 1, 0, 2, 2])
+    classes = torch.tensor([0, 1, 2]).repeat(2000)
+    idx = draw_members(labels, classes, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(labels[idx], classes)
+    counts = torch.bincount(idx, minlength=6).float()
+    # class 0 has members 1 and 3 (2000 draws), class 2 has 0, 4 and 5: every member gets its share
+    assert torch.allclose(counts[[1, 3]], torch.full((2,), 1000.0), rtol=0.1)
+    assert torch.allclose(counts[[0, 4, 5]], torch.full((3,), 2000 / 3), rtol=0.1)
+    assert counts[2] == 2000
+
+
+def test_cvae_starts_as_seed_copy_with_the_prior_as_posterior() -> None:
+    g = CVAEHallucinator(6, latent_dim=3)
+    seed, x = torch.rand(10, 6), torch.rand(10, 6)
+    assert torch.equal(g(seed, torch.randn(10, 3)), seed)
+    mu, logvar = g.encode(x, seed)
+    assert mu.shape == logvar.shape == (10, 3)
+    assert torch.equal(mu, torch.zeros(10, 3)) and torch.equal(logvar, torch.zeros(10, 3))
+    # KL(N(0, I) || N(0, I)) = 0 and the decoder ignores z at first: the loss is the reconstruction alone
+    assert torch.allclose(g.elbo_loss(x, seed), 0.5 * (seed - x).pow(2).sum(-1).mean())
+
+
+def test_cvae_elbo_matches_torch_distributions() -> None:
+    g = CVAEHallucinator(5, latent_dim=4, output_relu=False)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    seed, x = torch.randn(7, 5), torch.randn(7, 5)
+    torch.manual_seed(3)
+    loss = g.elbo_loss(x, seed)
+    torch.manual_seed(3)
+    mu, logvar = g.encode(x, seed)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    z = q.rsample()
+    kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(-1)
+    reconstruction = 0.5 * (g(seed, z) - x).pow(2).sum(-1)
+    assert torch.allclose(loss, (reconstruction + kl).mean(), atol=1e-6)
+
+
+def test_cvae_learns_to_generate_features_of_the_seeds_class() -> None:
+    torch.manual_seed(0)
+    centres = 3.0 * torch.randn(4, 8)
+    g = CVAEHallucinator(8, latent_dim=2, hidden=32, output_relu=False)
+    opt = torch.optim.Adam(g.parameters(), 1e-2)
+
+    def pairs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 4, (n,))
+        return centres[y] + 0.3 * torch.randn(n, 8), centres[y] + 0.3 * torch.randn(n, 8), y
+
+    first = None
+    for _ in range(300):
+        x, seed, _ = pairs(64)
+        loss = g.elbo_loss(x, seed)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    _, seed, y = pairs(200)
+    with torch.no_grad():
+        fake = g(seed, torch.randn(200, 2))
+    nearest = torch.cdist(fake, centres).argmin(-1)
+    assert (nearest == y).float().mean() > 0.95  # samples land on their seed's class
+
+
+def test_cvae_generator_from_a_config_adds_its_elbo_without_touching_the_backbone(clusters, small_conv4) -> None:
+    learner = build_learner({"learner": "hallucination",
+                             "learner_args": {"n_hallucinated": 2, "noise_dim": 3, "generator": "cvae"},
+                             "backbone": "conv4", "backbone_args": {"in_channels": 1, "hidden": 8, "image_size": 16}})
+    assert isinstance(learner.generator, CVAEHallucinator) and learner.generator.noise_dim == 3
+    plain = copy.deepcopy(learner)
+    plain.vae_weight = 0.0
+    batch = EpisodeSampler(clusters, 4, 1, 3, seed=0).sample_batch(1)
+    grads = []
+    for model in (learner, plain):
+        torch.manual_seed(1)
+        model.loss(batch).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert learner.last_metrics["vae_loss"] > 0 and "vae_loss" not in plain.last_metrics
+    for name, grad in grads[0].items():
+        if name.startswith("backbone."):  # the ELBO's features are detached: the backbone sees the query loss alone
+            assert torch.equal(grad, grads[1][name]), name
+    encoder = [n for n in grads[0] if n.startswith("generator.encoder.")]
+    assert encoder and all(grads[0][n] is not None and grads[1][n] is None for n in encoder)
+
+
+def test_cvae_roundtrip_and_learning(tmp_path, clusters, small_conv4, meta_train) -> None:
+    import metaxfer
+    from metaxfer import evaluate
+
+    torch.manual_seed(0)
+    learner = HallucinationNet(small_conv4, n_hallucinated=3, noise_dim=4, generator="cvae")
+    test = EpisodeSampler(clusters, 5, 1, 5, seed=1).fixed_episodes(10, seed=1)
+    before = evaluate(learner, test).mean
+    meta_train(learner, EpisodeSampler(clusters, 5, 1, 5, seed=0))  # the loss includes the ELBO, whose scale moves
+    after = evaluate(learner, test).mean
+    assert after > 60.0 and after > before + 10.0, (before, after)  # chance is 20 %
+    learner_copy = build_learner({"learner": "hallucination",
+                                  "learner_args": {"n_hallucinated": 3, "noise_dim": 4, "generator": "cvae"},
+                                  "backbone": "conv4", "backbone_args": {"in_channels": 1, "hidden": 8,
+                                                                         "image_size": 16}})
+    learner_copy.load_state_dict(learner.state_dict())
+    metaxfer.save(learner_copy, tmp_path / "m")
+    loaded = metaxfer.load(tmp_path / "m")
+    ep = test[0]
+    assert torch.equal(learner.adapt(ep.support_x, ep.support_y, seed=2)(ep.query_x),
+                       loaded.adapt(ep.support_x, ep.support_y, seed=2)(ep.query_x))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"generator": "gan"}, r"unknown generator 'gan'.*'mlp'.*'cvae'"),
+    ({"vae_weight": -1.0}, r"vae_weight must be a finite number >= 0.*learner_args.vae_weight"),
+])
+def test_bad_generator_options(kwargs, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        HallucinationNet(nn.Linear(4, 3), feature_dim=3, **kwargs)

@@ -12,6 +12,12 @@ Details taken from the paper, as quoted by a public re-implementation
 "For each class, we use G to generate n_gen additional examples till there are exactly n_aug
 examples per class"; that code feeds ``[x, z]`` (z Gaussian) to the MLP and initialises its
 layers with identity matrices. The remaining choices here are ours and are said so where made.
+
+The optional conditional-VAE generator (:class:`CVAEHallucinator`, ``generator="cvae"``) is the
+"VAE-style generation of extra samples" variant: a CVAE (Sohn, Lee & Yan, NeurIPS 2015) over
+backbone features, conditioned on a seed feature of the class, trained by its evidence lower
+bound on pairs of same-class features as well as through the query loss; sampling the prior
+``z ~ N(0, I)`` replaces the plain noise input.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaxfer.errors import ConfigError
@@ -26,12 +33,29 @@ from metaxfer.functional.distances import prototypes, squared_euclidean
 from metaxfer.learners.metric import ProtoNet, PrototypePredictor
 from metaxfer.learners.registry import register_learner
 from metaxfer.learners.support import EvalModule, check_support_classes
+from metaxfer.tasks.episode import Episode
 
-__all__ = ["HallucinationNet", "Hallucinator", "hallucination"]
+__all__ = ["CVAEHallucinator", "HallucinationNet", "Hallucinator", "hallucination"]
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def draw_members(labels: Tensor, classes: Tensor, ways: int, generator: torch.Generator | None = None) -> Tensor:
+    """For each entry of ``classes [M]``, the index of a uniformly drawn example of that class in ``labels [S]``.
+
+    Every class in ``classes`` must occur in ``labels``. One uniform number per entry, from
+    ``generator`` (CPU) or, when ``None``, torch's global generator on ``labels``' device.
+    """
+    device = labels.device
+    counts = torch.bincount(labels, minlength=ways)  # [ways]
+    u = torch.rand(classes.shape[0], generator=generator, device="cpu" if generator is not None else device)
+    size = counts[classes]
+    rank = (u.to(device) * size).long().clamp_max(size - 1)  # rank within the class
+    order = torch.argsort(labels, stable=True)  # members of class 0, then class 1, ...
+    start = torch.cumsum(counts, 0) - counts
+    return order[start[classes] + rank]
 
 
 class Hallucinator(nn.Module):
@@ -103,6 +127,75 @@ class Hallucinator(nn.Module):
         return h
 
 
+class CVAEHallucinator(nn.Module):
+    """A conditional VAE over features; ``G(seed, z)`` decodes a latent ``z ~ N(0, I)`` given a seed feature.
+
+    The conditional variational auto-encoder of Sohn, Lee & Yan (NeurIPS 2015), over a
+    backbone's features: the decoder ``p(x | seed, z)`` is a :class:`Hallucinator` MLP
+    (identity-initialised on the seed, so it starts by copying it), the encoder
+    ``q(z | x, seed)`` a two-layer MLP on ``[x, seed]`` whose output layer starts at zero,
+    so that ``q`` starts as the prior ``N(0, I)``. It is trained on pairs ``(x, seed)`` of
+    features of the same class by :meth:`elbo_loss`; sampling ``z`` from the prior and
+    decoding produces new features of the seed's class (the CVAE view of hallucination;
+    Schwartz et al. 2018's Delta-encoder is the same idea with a deterministic bottleneck).
+
+    Args:
+        feature_dim: ``D``, the backbone's feature width.
+        latent_dim: width of ``z`` (the generator's ``noise_dim``).
+        hidden: width of the hidden layers; ``None`` means ``feature_dim``.
+        layers: linear layers of the decoder (>= 1).
+        output_relu: ReLU on the decoder's output (post-ReLU features such as Conv4's).
+
+    Raises:
+        ConfigError: for non-positive sizes.
+
+    Example:
+        >>> g = CVAEHallucinator(64, latent_dim=16)
+        >>> g(torch.rand(5, 64), torch.randn(5, 16)).shape
+        torch.Size([5, 64])
+        >>> g.elbo_loss(torch.rand(5, 64), torch.rand(5, 64)).shape
+        torch.Size([])
+    """
+
+    def __init__(self, feature_dim: int, latent_dim: int, hidden: int | None = None, layers: int = 3,
+                 output_relu: bool = True) -> None:
+        super().__init__()
+        self.decoder = Hallucinator(feature_dim, latent_dim, hidden=hidden, layers=layers, output_relu=output_relu)
+        self.feature_dim, self.noise_dim = feature_dim, latent_dim
+        width = self.decoder.hidden
+        self.encoder = nn.Sequential(nn.Linear(2 * feature_dim, width), nn.ReLU(), nn.Linear(width, 2 * latent_dim))
+        with torch.no_grad():
+            self.encoder[-1].weight.zero_()
+            self.encoder[-1].bias.zero_()
+
+    def forward(self, seed: Tensor, noise: Tensor) -> Tensor:
+        """Decode: ``seed [M, D]``, ``noise [M, latent_dim]`` (a draw of ``z``) -> ``[M, D]``."""
+        return self.decoder(seed, noise)
+
+    def encode(self, x: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior ``q(z | x, seed)``: mean and log-variance, each ``[M, latent_dim]``."""
+        mu, logvar = self.encoder(torch.cat([x, seed], dim=-1)).chunk(2, dim=-1)
+        return mu, logvar
+
+    def elbo_loss(self, x: Tensor, seed: Tensor) -> Tensor:
+        """Negative evidence lower bound per pair, averaged over the ``M`` pairs (a scalar).
+
+        ``||decode(seed, z) - x||^2 / 2`` (unit-variance Gaussian likelihood, constants dropped)
+        summed over features, plus ``KL(q(z | x, seed) || N(0, I))`` summed over latent units,
+        with one reparameterised draw ``z = mu + sigma * eps`` (Kingma & Welling 2014) from
+        torch's global generator.
+
+        Args:
+            x: ``[M, D]`` features to reconstruct.
+            seed: ``[M, D]`` features of the same classes (the condition).
+        """
+        mu, logvar = self.encode(x, seed)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        reconstruction = 0.5 * (self.decoder(seed, z) - x).pow(2).sum(-1)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+        return (reconstruction + kl).mean()
+
+
 class HallucinationNet(ProtoNet):
     """ProtoNet with feature hallucination (Wang, Girshick, Hebert & Hariharan, CVPR 2018).
 
@@ -118,6 +211,15 @@ class HallucinationNet(ProtoNet):
     networks); gradients reach the backbone both directly and through the
     seeds. No adversarial or reconstruction loss: as in the paper, ``G`` is
     trained only to make the classifier better, not to make realistic features.
+
+    With ``generator="cvae"`` (:class:`CVAEHallucinator`), ``G`` is a conditional VAE's
+    decoder and the noise its latent ``z``; each task's loss adds ``vae_weight`` times
+    the negative ELBO of pairs (query feature, a support feature of the query's
+    class drawn uniformly), so ``G`` also learns to produce features distributed
+    like the class's real ones. The pairs' features are detached: the ELBO
+    trains the VAE only, because letting it reach the backbone would reward
+    features that are easy to reconstruct (in the limit, all equal), which the
+    classifier must not pay for.
 
     With ``n_hallucinated = 0`` the learner is ProtoNet: the same loss, logits,
     gradients and random-number use (``G`` is never called and its parameters
@@ -146,10 +248,14 @@ class HallucinationNet(ProtoNet):
         hidden: hidden width of the default generator (``None``: ``D``).
         layers: linear layers of the default generator (the paper's 3).
         output_relu: ReLU on the default generator's output (see :class:`Hallucinator`).
-        generator: a module ``(seed [M, D], noise [M, noise_dim]) -> [M, D]`` to
-            use instead of :class:`Hallucinator` (then ``hidden``, ``layers`` and
-            ``output_relu`` are unused; it is not rebuilt by ``metaxfer.load``
-            unless it is the default).
+        generator: ``"mlp"`` (:class:`Hallucinator`, the paper's), ``"cvae"``
+            (:class:`CVAEHallucinator`; keep ``noise_std = 1``, the prior's) or
+            a module ``(seed [M, D], noise [M, noise_dim]) -> [M, D]`` (then
+            ``hidden``, ``layers`` and ``output_relu`` are unused and
+            ``metaxfer.load`` cannot rebuild it; a module with an
+            ``elbo_loss(x, seed)`` method gets the VAE term).
+        vae_weight: weight of the VAE term for generators that have one (>= 0; 0 trains
+            a CVAE through the query loss alone).
 
     Shapes:
         ``loss(batch)``: ``support_x [T, ways*shots, *x_shape]``, ``query_x [T, ways*queries, *x_shape]``.
@@ -160,8 +266,9 @@ class HallucinationNet(ProtoNet):
 
     Raises:
         ConfigError: negative ``n_hallucinated``, ``noise_dim <= 0``, negative
-            ``noise_std``, an unknown feature width, or (when called) a
-            generator whose output width differs from the backbone's features.
+            ``noise_std``, an unknown generator name, a negative ``vae_weight``, an
+            unknown feature width, or (when called) a generator whose output
+            width differs from the backbone's features.
         EpisodeError: a class ``0 .. ways-1`` without a support example.
 
     Example:
@@ -173,7 +280,8 @@ class HallucinationNet(ProtoNet):
 
     def __init__(self, backbone: nn.Module, n_hallucinated: int = 5, noise_dim: int = 64, noise_std: float = 1.0,
                  feature_dim: int | None = None, hidden: int | None = None, layers: int = 3,
-                 output_relu: bool = True, generator: nn.Module | None = None) -> None:
+                 output_relu: bool = True, generator: nn.Module | str | None = "mlp",
+                 vae_weight: float = 1.0) -> None:
         super().__init__(backbone)
         if not _is_int(n_hallucinated) or n_hallucinated < 0:
             raise ConfigError(f"n_hallucinated must be an integer >= 0 (hallucinated features per class), got "
@@ -185,8 +293,18 @@ class HallucinationNet(ProtoNet):
                 or noise_std == float("inf"):
             raise ConfigError(f"noise_std must be a finite number >= 0, got {noise_std!r}; set learner_args.noise_std "
                               "to e.g. 1.0 (the paper's N(0, I))")
+        if not isinstance(vae_weight, (int, float)) or isinstance(vae_weight, bool) or not vae_weight >= 0 \
+                or vae_weight == float("inf"):
+            raise ConfigError(f"vae_weight must be a finite number >= 0, got {vae_weight!r}; set learner_args.vae_weight "
+                              "to e.g. 1.0")
         self.n_hallucinated, self.noise_dim, self.noise_std = n_hallucinated, noise_dim, float(noise_std)
-        if generator is None:
+        self.vae_weight = float(vae_weight)
+        self._vae_losses: list[float] = []
+        kinds = {None: Hallucinator, "mlp": Hallucinator, "cvae": CVAEHallucinator}
+        if not isinstance(generator, nn.Module):
+            if not isinstance(generator, str | None) or generator not in kinds:
+                raise ConfigError(f"unknown generator {generator!r}; set learner_args.generator to 'mlp' (Wang et al. "
+                                  "2018's MLP hallucinator) or 'cvae' (a conditional VAE)")
             dim = feature_dim if feature_dim is not None else getattr(backbone, "out_features", None)
             if not _is_int(dim) or dim <= 0:
                 raise ConfigError(
@@ -197,12 +315,12 @@ class HallucinationNet(ProtoNet):
             # run with this learner draws exactly the numbers a ProtoNet run with the same seed draws
             # (identical when n_hallucinated = 0).
             with torch.random.fork_rng(devices=[]):
-                generator = Hallucinator(dim, noise_dim, hidden=hidden, layers=layers, output_relu=output_relu)
+                generator = kinds[generator](dim, noise_dim, hidden=hidden, layers=layers, output_relu=output_relu)
         self.generator = generator
 
     def _check_width(self, features: Tensor) -> None:
         want = getattr(self.generator, "feature_dim", None)
-        if isinstance(self.generator, Hallucinator) and features.shape[-1] != want:
+        if isinstance(self.generator, Hallucinator | CVAEHallucinator) and features.shape[-1] != want:
             raise ConfigError(
                 f"the backbone outputs features of shape {tuple(features.shape)} but the generator was built for "
                 f"feature_dim={want} (it takes [M, {want}] seeds and returns [M, {want}] features); set "
@@ -230,13 +348,8 @@ class HallucinationNet(ProtoNet):
         n, device = self.n_hallucinated, support.device
         self._check_width(support)
         where = "cpu" if generator is not None else device
-        counts = torch.bincount(support_y, minlength=ways)  # [ways], every count >= 1 (checked by the callers)
-        # Uniform seed per (class, j): scale a uniform draw by the class size, index the class's members.
-        u = torch.rand(ways, n, generator=generator, device=where).to(device)
-        pick = (u * counts[:, None]).long().clamp_max(counts[:, None] - 1)  # [ways, n] rank within the class
-        order = torch.argsort(support_y, stable=True)  # members of class 0, then class 1, ...
-        start = torch.cumsum(counts, 0) - counts
-        seeds = support[order[start[:, None] + pick].reshape(-1)]  # [ways * n, D]
+        classes = torch.arange(ways, device=device).repeat_interleave(n)
+        seeds = support[draw_members(support_y, classes, ways, generator)]  # [ways * n, D]
         noise = torch.randn(ways * n, self.noise_dim, generator=generator, device=where).to(device=device,
                                                                                         dtype=support.dtype)
         fake = self.generator(seeds, noise * self.noise_std)
@@ -260,17 +373,47 @@ class HallucinationNet(ProtoNet):
         fake_y = torch.arange(ways, device=support_y.device).repeat_interleave(self.n_hallucinated)
         return torch.cat([support, fake]), torch.cat([support_y, fake_y])
 
+    def _features_and_logits(self, support_x: Tensor, support_y: Tensor,
+                             query_x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        s = support_x.shape[0]
+        z = self.backbone(torch.cat([support_x, query_x]))
+        ways = int(support_y.max().item()) + 1  # ProtoNet.loss has checked every class has a support example
+        feats, labels = self.augment(z[:s], support_y, ways)
+        return z[:s], z[s:], -squared_euclidean(z[s:], prototypes(feats, labels, ways))
+
     def task_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Logits ``[Q, ways]`` of one task against the augmented prototypes, differentiable.
 
         One backbone pass over ``cat([support_x, query_x])`` (as ProtoNet); the
         hallucinations are generated from the support features in the same graph.
         """
-        s = support_x.shape[0]
-        z = self.backbone(torch.cat([support_x, query_x]))
-        ways = int(support_y.max().item()) + 1  # ProtoNet.loss has checked every class has a support example
-        feats, labels = self.augment(z[:s], support_y, ways)
-        return -squared_euclidean(z[s:], prototypes(feats, labels, ways))
+        return self._features_and_logits(support_x, support_y, query_x)[2]
+
+    def task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                  query_y: Tensor) -> tuple[Tensor, Tensor]:
+        """Query cross-entropy, plus ``vae_weight`` times the generator's ELBO loss when it has one.
+
+        The ELBO's pairs are (each query feature, a support feature of its class
+        drawn uniformly), both detached (see the class docstring).
+        """
+        support, query, logits = self._features_and_logits(support_x, support_y, query_x)
+        loss = F.cross_entropy(logits, query_y)
+        elbo = getattr(self.generator, "elbo_loss", None)
+        if elbo is not None and self.n_hallucinated > 0 and self.vae_weight > 0:
+            ways = logits.shape[-1]
+            seeds = support[draw_members(support_y, query_y, ways)]
+            vae = elbo(query.detach(), seeds.detach())
+            self._vae_losses.append(vae.item())
+            loss = loss + self.vae_weight * vae
+        return loss, logits
+
+    def loss(self, batch: Episode) -> Tensor:
+        """Mean over tasks of :meth:`task_loss`; ``last_metrics`` adds ``vae_loss`` for a VAE generator."""
+        self._vae_losses = []
+        loss = super().loss(batch)
+        if self._vae_losses:
+            self.last_metrics["vae_loss"] = sum(self._vae_losses) / len(self._vae_losses)
+        return loss
 
     @torch.no_grad()
     def adapt(self, support_x: Tensor, support_y: Tensor, seed: int = 0) -> PrototypePredictor:
@@ -302,7 +445,8 @@ class HallucinationNet(ProtoNet):
 @register_learner("hallucination")
 def hallucination(backbone: nn.Module, n_hallucinated: int = 5, noise_dim: int = 64, noise_std: float = 1.0,
                   feature_dim: int | None = None, hidden: int | None = None, layers: int = 3,
-                  output_relu: bool = True) -> HallucinationNet:
+                  output_relu: bool = True, generator: str = "mlp", vae_weight: float = 1.0) -> HallucinationNet:
     """ProtoNet with feature hallucination around ``backbone`` (see :class:`HallucinationNet`)."""
     return HallucinationNet(backbone, n_hallucinated=n_hallucinated, noise_dim=noise_dim, noise_std=noise_std,
-                            feature_dim=feature_dim, hidden=hidden, layers=layers, output_relu=output_relu)
+                            feature_dim=feature_dim, hidden=hidden, layers=layers, output_relu=output_relu,
+                            generator=generator, vae_weight=vae_weight)

@@ -72,11 +72,21 @@ class ProtoNet(Learner):
         losses, correct = [], 0.0
         # Tasks run one at a time so BatchNorm statistics stay per task (as in the paper).
         for t in range(batch.num_tasks):
-            logits = self.task_logits(batch.support_x[t], batch.support_y[t], batch.query_x[t])
-            losses.append(F.cross_entropy(logits, batch.query_y[t]))
+            loss, logits = self.task_loss(batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t])
+            losses.append(loss)
             correct += (logits.argmax(-1) == batch.query_y[t]).float().mean().item()
         self.last_metrics = {"accuracy": correct / batch.num_tasks}
         return torch.stack(losses).mean()
+
+    def task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                  query_y: Tensor) -> tuple[Tensor, Tensor]:
+        """One task's training loss (query cross-entropy) and its logits ``[Q, ways]``.
+
+        The hook subclasses override to add terms of their own (see
+        :class:`~metaxfer.learners.hallucination.HallucinationNet`'s VAE loss).
+        """
+        logits = self.task_logits(support_x, support_y, query_x)
+        return F.cross_entropy(logits, query_y), logits
 
     @torch.no_grad()
     def adapt(self, support_x: Tensor, support_y: Tensor) -> PrototypePredictor:
