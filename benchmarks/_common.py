@@ -252,7 +252,7 @@ def peak_rss_mb() -> float:
 def measure_in_subprocess(script: Path, variant: str, extra: Sequence[str]) -> dict[str, Any]:
     """Run ``script --child-memory VARIANT`` in a fresh interpreter; it prints one JSON line."""
     cmd = [sys.executable, str(script), "--child-memory", variant, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -90,7 +90,7 @@ def launch(learner: str, procs: int, threads: int, args: argparse.Namespace, tmp
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
            str(Path(__file__).resolve()), "--worker", "--learner", learner, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--tasks", str(args.tasks), "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{learner} {procs}x{threads} failed:\n{proc.stderr[-3000:]}")
     return {"learner": learner, "processes": procs, "threads_per_process": threads, **json.loads(out.read_text())}

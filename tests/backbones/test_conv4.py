@@ -42,7 +42,7 @@ def test_split_batchnorm_equals_affine_batchnorm():
     assert torch.allclose(a(x), b(x), atol=1e-12)
 
 
-@pytest.mark.parametrize("kwargs", [dict(norm="layer"), dict(downsample="avg")])
+@pytest.mark.parametrize("kwargs", [{"norm": "layer"}, {"downsample": "avg"}])
 def test_bad_options(kwargs):
     with pytest.raises(ValueError):
         Conv4(**kwargs)

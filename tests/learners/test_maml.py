@@ -61,7 +61,7 @@ def small_conv4(norm: str = "batchnorm_split", hidden: int = 8) -> nn.Module:
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 def test_vmapped_meta_gradient_equals_per_task_loop(first_order: bool) -> None:
     model, batch = small_conv4(), image_batch(tasks=4)
-    kwargs = dict(inner_lr=0.4, inner_steps=2, first_order=first_order)
+    kwargs = {"inner_lr": 0.4, "inner_steps": 2, "first_order": first_order}
     loop = meta_grads(MAML(model, vectorize=False, **kwargs), batch)
     for task_chunk in (None, 3):
         vmapped = meta_grads(MAML(model, vectorize=True, task_chunk=task_chunk, **kwargs), batch)

@@ -1,3 +1,5 @@
+import typing
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ def test_episode_shapes_and_labels(clusters):
     ep = sampler.sample()
     assert ep.support_x.shape == (10, 1, 16, 16) and ep.query_x.shape == (15, 1, 16, 16)
     assert ep.support_y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    assert ep.query_y.tolist() == sum([[c] * 3 for c in range(5)], [])
+    assert ep.query_y.tolist() == [c for c in range(5) for _ in range(3)]
     assert ep.ways == 5 and not ep.is_batched
 
 
@@ -109,11 +111,11 @@ def test_unequal_class_sizes_and_getitem_fallback():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(ways=0, shots=1, queries=1), "ways must be a positive integer"),
-    (dict(ways=5, shots=-1, queries=1), "shots must be a positive integer"),
-    (dict(ways=5, shots=1, queries=0), "queries must be a positive integer"),
-    (dict(ways=21, shots=1, queries=1), "ways=21 but the dataset has only 20 classes; lower ways to at most 20"),
-    (dict(ways=5, shots=6, queries=5), "has only 10 examples but shots + queries = 6 + 5 = 11"),
+    ({"ways": 0, "shots": 1, "queries": 1}, "ways must be a positive integer"),
+    ({"ways": 5, "shots": -1, "queries": 1}, "shots must be a positive integer"),
+    ({"ways": 5, "shots": 1, "queries": 0}, "queries must be a positive integer"),
+    ({"ways": 21, "shots": 1, "queries": 1}, "ways=21 but the dataset has only 20 classes; lower ways to at most 20"),
+    ({"ways": 5, "shots": 6, "queries": 5}, "has only 10 examples but shots + queries = 6 + 5 = 11"),
 ])
 def test_impossible_sizes_say_what_to_change(clusters, kwargs, message):
     with pytest.raises(EpisodeError, match=message.replace("+", r"\+")):
@@ -125,7 +127,7 @@ def test_dataset_without_labels_or_empty():
         EpisodeSampler([1, 2, 3], 1, 1, 1)
 
     class Empty:
-        labels: list = []
+        labels: typing.ClassVar[list] = []
 
     with pytest.raises(EpisodeError, match="empty"):
         EpisodeSampler(Empty(), 1, 1, 1)

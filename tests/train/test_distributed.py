@@ -188,7 +188,7 @@ def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(tmp_path: Path
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT_STEP": "7", "KILL_MARKER": str(tmp_path / "killed")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
            str(HERE / "_torchrun_kill_worker.py"), "-v", "train", "--run-dir", str(tmp_path / "two"), *CLI]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "killed").read_text() == "rank 1 killed at step 7"  # the first attempt really died
     assert "resumed from" in proc.stderr and "step-00000006 at step 6" in proc.stderr  # checkpoint_every=3

@@ -108,7 +108,7 @@ def test_interrupted_checkpoint_write_keeps_previous(clusters, tmp_path, monkeyp
         fit(learner, sampler, opt, 8, 1, run_dir=tmp_path, checkpoint_every=4)
     ckpts = Checkpoints(tmp_path)
     assert ckpts.pointer("latest").name == "step-00000004"
-    directory, state = ckpts.latest_state()
+    _directory, state = ckpts.latest_state()
     assert state["step"] == 4
     assert metaxfer.load(tmp_path).card["trained_steps"] == 4
     assert not list(ckpts.root.glob(".step-*"))  # the half-written directory was removed

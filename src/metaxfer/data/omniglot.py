@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from PIL import Image
@@ -68,7 +68,7 @@ DEFAULT_ROTATIONS = {"vinyals": (0, 90, 180, 270), "lake": (0,)}
 #: Characters per split of the vinyals protocol on the full data (1028 + 172 + 423 = 1623).
 VINYALS_SIZES = {"train": 1028, "val": 172, "test": 423}
 
-SplitFiles = Union[str, os.PathLike, Mapping[str, str | os.PathLike | Sequence[str]]]
+SplitFiles = str | os.PathLike | Mapping[str, str | os.PathLike | Sequence[str]]
 
 _HOW_TO_GET = (
     "pass root= (the folder holding images_background.zip and images_evaluation.zip), "

@@ -34,8 +34,7 @@ class MetricsLog:
 
     def _rewrite(self) -> None:
         with open(self.jsonl, "w", encoding="utf-8") as f:
-            for rec in self.records:
-                f.write(json.dumps(rec) + "\n")
+            f.writelines(json.dumps(rec) + "\n" for rec in self.records)
         with open(self.csv, "w", encoding="utf-8", newline="") as f:
             writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
             writer.writeheader()
