@@ -66,3 +66,16 @@ def adam_steps(learner: torch.nn.Module, sampler, steps: int = 30, tasks: int = 
 def meta_train():
     """:func:`adam_steps`: the short training loop the learners' "it learns" tests share."""
     return adam_steps
+
+
+def supervised_steps(learner: torch.nn.Module, data, steps: int = 40, lr: float = 1e-2) -> list[float]:
+    """:func:`adam_steps` on supervised batches of 32 examples (``ClassBatchSampler``): transfer pretraining."""
+    from metaxfer import ClassBatchSampler
+
+    return adam_steps(learner, ClassBatchSampler(data, batch_size=32, seed=0), steps, tasks=1, lr=lr)
+
+
+@pytest.fixture(scope="session")
+def pretrain():
+    """:func:`supervised_steps`, shared by the transfer tests (session scope: module fixtures use it too)."""
+    return supervised_steps

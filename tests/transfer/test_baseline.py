@@ -37,19 +37,6 @@ def _model(learner: str, **learner_args: object) -> dict:
             "learner_args": {"num_base_classes": 20, **learner_args}}
 
 
-def _pretrain(learner, data, steps: int = 40, lr: float = 1e-2) -> list[float]:
-    sampler = ClassBatchSampler(data, batch_size=32, seed=0)
-    opt = torch.optim.Adam(learner.parameters(), lr)
-    losses = []
-    for _ in range(steps):
-        loss = learner.loss(sampler.sample_batch(1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.fixture(scope="module")
 def held_out() -> metaxfer.tasks.EpisodeSet:
     """Fixed 5-way 1-shot episodes over classes never seen in pretraining."""
@@ -58,10 +45,10 @@ def held_out() -> metaxfer.tasks.EpisodeSet:
 
 
 @pytest.fixture(scope="module")
-def pretrained() -> Baseline:
+def pretrained(pretrain) -> Baseline:
     torch.manual_seed(0)
     learner = build_learner(_model("baseline"))
-    _pretrain(learner, ClusterImages("train", num_classes=20, per_class=10, image_size=16, noise=0.5))
+    pretrain(learner, ClusterImages("train", num_classes=20, per_class=10, image_size=16, noise=0.5))
     return learner
 
 
@@ -100,10 +87,10 @@ def test_pretraining_loss_is_cross_entropy_over_base_classes():
 
 
 @pytest.mark.parametrize("name", ["baseline", "baseline_pp"])
-def test_pretraining_learns_and_adaptation_beats_chance(name, clusters, held_out):
+def test_pretraining_learns_and_adaptation_beats_chance(name, clusters, held_out, pretrain):
     torch.manual_seed(0)
     learner = build_learner(_model(name))
-    losses = _pretrain(learner, clusters, steps=60)
+    losses = pretrain(learner, clusters, steps=60)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     result = evaluate(learner, held_out)
     assert result.mean > 35.0, result  # chance is 20 %

@@ -31,19 +31,6 @@ def _model(learner: str, classes: int = 20, **learner_args: object) -> dict:
             "learner_args": {"num_base_classes": classes, **learner_args}}
 
 
-def _train(learner: nn.Module, data: ClusterImages, steps: int, lr: float = 1e-2) -> list[float]:
-    sampler = ClassBatchSampler(data, batch_size=32, seed=0)
-    opt = torch.optim.Adam(learner.parameters(), lr)
-    losses = []
-    for _ in range(steps):
-        loss = learner.loss(sampler.sample_batch(1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.fixture(scope="module")
 def train_set() -> ClusterImages:
     return ClusterImages("train", num_classes=20, per_class=10, image_size=16, noise=0.5)
@@ -57,11 +44,11 @@ def held_out() -> metaxfer.tasks.EpisodeSet:
 
 
 @pytest.fixture(scope="module")
-def teacher(train_set) -> Baseline:
+def teacher(train_set, pretrain) -> Baseline:
     """A Baseline pretrained on the 20 cluster classes (the teacher of every test here)."""
     torch.manual_seed(1)
     learner = build_learner(_model("baseline"))
-    _train(learner, train_set, 40)
+    pretrain(learner, train_set, 40)
     return learner.eval()
 
 
@@ -184,23 +171,23 @@ def test_fit_resumes_a_distillation_run_exactly(teacher, train_set, tmp_path):
     assert run(4, tmp_path / "resumed", seed=123) == straight  # student weights and optimiser from the checkpoint
 
 
-def test_student_learns_from_the_teacher(teacher, train_set, held_out):
+def test_student_learns_from_the_teacher(teacher, train_set, held_out, pretrain):
     torch.manual_seed(0)
     learner = Distill(build_learner(_model("baseline")), teacher, temperature=4.0, alpha=0.5)
-    losses = _train(learner, train_set, 60)
+    losses = pretrain(learner, train_set, 60)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     assert learner.last_metrics["accuracy"] > 0.5  # base-class accuracy on the last batch (chance: 5 %)
     assert evaluate(learner, held_out).mean > 35.0  # novel classes, 5-way: chance is 20 %
 
 
-def test_born_again_generations(teacher, train_set, tmp_path):
+def test_born_again_generations(teacher, train_set, tmp_path, pretrain):
     torch.manual_seed(2)
     first = Distill.born_again(teacher, temperature=2.0)
     assert type(first.student) is type(teacher) and first.temperature == 2.0
     shapes = {k: v.shape for k, v in teacher.state_dict().items()}
     assert {k: v.shape for k, v in first.state_dict().items()} == shapes  # same architecture ...
     assert not torch.equal(first.student.head.weight, teacher.head.weight)  # ... initialised afresh
-    _train(first, train_set, 3)
+    pretrain(first, train_set, 3)
     second = Distill.born_again(first)  # generation 2 learns from generation 1's student
     x = train_set.gather(torch.arange(8))
     first.student.eval()
