@@ -27,6 +27,12 @@ Run (after ``bash benchmarks/setup_peers.sh``):
     .venv-bench/bin/python benchmarks/speed_maml.py --rounds 10
     .venv-bench/bin/python benchmarks/speed_maml.py --rounds 10 --ablation --out bench-out/maml.json
 
+The small model of the gradient-family issue, where per-task overhead dominates (Conv4 with 8 channels;
+``metaxfer-vmap-chunked`` vectorises 8 tasks at a time to bound vmap's memory):
+
+    .venv-bench/bin/python benchmarks/speed_maml.py --hidden 8 --threads 1 --rounds 20 \
+        --variants learn2learn,metaxfer-loop,metaxfer-vmap,metaxfer-vmap-chunked --tasks-per-backward 8
+
 Prints a table, then the JSON record as the last line.
 """
 
@@ -56,8 +62,8 @@ import metaxfer.runtime
 from metaxfer.backbones import Conv4
 from metaxfer.tasks import Episode
 
-VARIANTS = ("metaxfer-vmap", "metaxfer-loop", "metaxfer-chunked", "learn2learn", "metaxfer-vmap+plain-conv4",
-            "metaxfer-loop+plain-conv4")
+VARIANTS = ("metaxfer-vmap", "metaxfer-loop", "metaxfer-chunked", "metaxfer-vmap-chunked", "learn2learn",
+            "metaxfer-vmap+plain-conv4", "metaxfer-loop+plain-conv4")
 
 
 def make_batch(tasks: int, ways: int, shots: int, queries: int, seed: int) -> Episode:
@@ -73,18 +79,18 @@ def make_batch(tasks: int, ways: int, shots: int, queries: int, seed: int) -> Ep
 def build(variant: str, batch: Episode, args: argparse.Namespace) -> Callable[[], float]:
     """A meta-iteration of ``variant`` (zero grads, meta-loss, backward, Adam step) from the same initial weights."""
     torch.manual_seed(args.seed)
-    reference = Conv4(num_classes=args.ways, norm="batchnorm_split")
+    reference = Conv4(hidden=args.hidden, num_classes=args.ways, norm="batchnorm_split")
 
     if variant.startswith("metaxfer"):
         from metaxfer.learners.gradient import MAML
         from metaxfer.train.fit import forward_backward
 
         if variant.endswith("+plain-conv4"):
-            model: torch.nn.Module = C.PlainConv4(num_classes=args.ways, norm="batchnorm_split")
+            model: torch.nn.Module = C.PlainConv4(hidden=args.hidden, num_classes=args.ways, norm="batchnorm_split")
             model.load_state_dict(reference.state_dict())
         elif args.norm == "batchnorm":
             # Affine BatchNorm: metaxfer folds its scale and shift into the normalisation (one pass less).
-            model = Conv4(num_classes=args.ways, norm="batchnorm")
+            model = Conv4(hidden=args.hidden, num_classes=args.ways, norm="batchnorm")
             model.load_state_dict(C.split_to_affine_state(reference.state_dict()))
         else:
             model = reference
@@ -93,7 +99,8 @@ def build(variant: str, batch: Episode, args: argparse.Namespace) -> Callable[[]
         opt = torch.optim.Adam(learner.parameters(), args.lr)
         # metaxfer-chunked: the per-task loop, backpropagated every `tasks_per_backward` tasks (what
         # `train.tasks_per_backward` does in fit): same gradient, one chunk's graph alive at a time.
-        chunk = args.tasks_per_backward if variant == "metaxfer-chunked" else None
+        # metaxfer-vmap-chunked: the same with each chunk's tasks vectorised (bounded memory for vmap).
+        chunk = args.tasks_per_backward if variant in ("metaxfer-chunked", "metaxfer-vmap-chunked") else None
 
         def step() -> float:
             opt.zero_grad(set_to_none=True)
@@ -106,7 +113,7 @@ def build(variant: str, batch: Episode, args: argparse.Namespace) -> Callable[[]
     if variant == "learn2learn":
         import learn2learn as l2l
 
-        model = C.PlainConv4(num_classes=args.ways, norm="batchnorm")
+        model = C.PlainConv4(hidden=args.hidden, num_classes=args.ways, norm="batchnorm")
         model.load_state_dict(C.split_to_affine_state(reference.state_dict()))
         maml = l2l.algorithms.MAML(model, lr=args.inner_lr, first_order=False)
         opt = torch.optim.Adam(maml.parameters(), args.lr)
@@ -152,6 +159,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="timed meta-iterations per variant (alternating)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed meta-iterations per variant first")
     parser.add_argument("--tasks", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=64, help="Conv4 channels (8: the issue's small model, where per-task "
+                        "overhead dominates)")
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--queries", type=int, default=15, help="query examples per class")
@@ -162,7 +171,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--norm", choices=("batchnorm_split", "batchnorm"), default="batchnorm_split",
                         help="BatchNorm form of metaxfer's Conv4 (learn2learn always gets affine BatchNorm)")
-    parser.add_argument("--tasks-per-backward", type=int, default=1, help="chunk size of the metaxfer-chunked variant")
+    parser.add_argument("--tasks-per-backward", type=int, default=1,
+                        help="chunk size of the metaxfer-chunked and metaxfer-vmap-chunked variants")
     parser.add_argument("--variants", default="metaxfer-vmap,metaxfer-loop,learn2learn", help=f"comma-separated, from {VARIANTS}")
     parser.add_argument("--ablation", action="store_true", help="also time metaxfer's MAML on the plain (paper-order, NCHW) Conv4")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
@@ -196,14 +206,15 @@ def main() -> None:
     if not args.no_memory:
         extra = ["--tasks", str(args.tasks), "--ways", str(args.ways), "--shots", str(args.shots), "--queries", str(args.queries),
                  "--inner-lr", str(args.inner_lr), "--inner-steps", str(args.inner_steps), "--seed", str(args.seed),
-                 "--memory-steps", str(args.memory_steps)] + (["--threads", str(args.threads)] if args.threads else [])
+                 "--memory-steps", str(args.memory_steps), "--hidden", str(args.hidden), "--norm", args.norm,
+                 "--tasks-per-backward", str(args.tasks_per_backward)] + (["--threads", str(args.threads)] if args.threads else [])
         for v in variants:
             results[v]["memory"] = C.measure_in_subprocess(Path(__file__), v, extra)
 
     record = {
         "benchmark": "maml_meta_iteration",
         "task": {"tasks": args.tasks, "ways": args.ways, "shots": args.shots, "queries_per_class": args.queries,
-                 "image": [1, 28, 28], "model": "Conv4-64 + linear head", "inner_lr": args.inner_lr,
+                 "image": [1, 28, 28], "model": f"Conv4-{args.hidden} + linear head", "inner_lr": args.inner_lr,
                  "inner_steps": args.inner_steps, "order": "second", "optimizer": f"Adam(lr={args.lr})",
                  "rounds": args.rounds, "warmup": args.warmup, "seed": args.seed},
         "results": results,
@@ -224,7 +235,7 @@ def main() -> None:
             f"{mem['peak_minus_setup_mb']:.0f}" if "peak_minus_setup_mb" in mem else "-",
         ])
     human = (
-        f"MAML meta-iteration: {args.tasks} tasks x {args.ways}-way {args.shots}-shot {args.queries} queries/class, Conv4-64, "
+        f"MAML meta-iteration: {args.tasks} tasks x {args.ways}-way {args.shots}-shot {args.queries} queries/class, Conv4-{args.hidden}, "
         f"{args.inner_steps} inner step lr {args.inner_lr}, second order, Adam; {args.rounds} alternating rounds; "
         f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_model']}, load {env['loadavg_start'][0]:.1f}\n\n"
         + C.table(rows, ["variant", "median s", "IQR s", f"vs {base_name}", "paired", "peak RSS MB", "peak - setup MB"])
