@@ -197,8 +197,11 @@ def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(tmp_path: Path
     assert main(["train", "--run-dir", str(tmp_path / "one"), *CLI]) == 0  # uninterrupted, one process
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert one.keys() == two.keys()
+    # Two processes all-reduce half-batch gradients, one process sums all tasks: float32 summation orders differ,
+    # and after 8 momentum steps through BatchNorm that shows as up to ~3e-6 on O(1) weights (measured on an AMD
+    # EPYC; an Intel Xeon gave less). One step more or less moves the weights by ~4e-2 (median over tensors), far above atol.
     for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-5, msg=lambda m, key=key: f"{key}: {m}")
     steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 8  # one history despite the restart
     config = json.loads((tmp_path / "two" / "checkpoints" / "step-00000008" / "config.json").read_text())
