@@ -28,6 +28,39 @@ REPO = Path(__file__).resolve().parents[1]
 # --- environment ---------------------------------------------------------------------------------
 
 
+def learn2learn_maml_step(model: nn.Module, batch: Any, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                          inner_lr: float, inner_steps: int, lr: float) -> Callable[[], float]:
+    """One second-order learn2learn 0.2.0 MAML meta-iteration as its examples write it; returns the mean query loss.
+
+    Per task: ``clone()``, ``inner_steps`` calls of ``adapt(loss on the support)``, the query loss
+    ``backward()``; then the gradients are scaled by 1 / tasks and Adam steps. ``batch`` is a
+    batched :class:`metaxfer.tasks.Episode` (``[T, ...]`` tensors).
+    """
+    import learn2learn as l2l
+
+    maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=False)
+    opt = torch.optim.Adam(maml.parameters(), lr)
+    sx, sy, qx, qy = batch.support_x, batch.support_y, batch.query_x, batch.query_y
+    tasks = batch.num_tasks
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for t in range(tasks):
+            learner = maml.clone()
+            for _ in range(inner_steps):
+                learner.adapt(loss_fn(learner(sx[t]), sy[t]))
+            loss = loss_fn(learner(qx[t]), qy[t])
+            loss.backward()
+            total += loss.item()
+        for p in maml.parameters():
+            p.grad.mul_(1.0 / tasks)
+        opt.step()
+        return total / tasks
+
+    return step
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

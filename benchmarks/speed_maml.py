@@ -111,31 +111,9 @@ def build(variant: str, batch: Episode, args: argparse.Namespace) -> Callable[[]
         return step
 
     if variant == "learn2learn":
-        import learn2learn as l2l
-
         model = C.PlainConv4(hidden=args.hidden, num_classes=args.ways, norm="batchnorm")
         model.load_state_dict(C.split_to_affine_state(reference.state_dict()))
-        maml = l2l.algorithms.MAML(model, lr=args.inner_lr, first_order=False)
-        opt = torch.optim.Adam(maml.parameters(), args.lr)
-        sx, sy, qx, qy = batch
-        tasks = batch.num_tasks
-
-        def step() -> float:
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for t in range(tasks):
-                learner = maml.clone()
-                for _ in range(args.inner_steps):
-                    learner.adapt(F.cross_entropy(learner(sx[t]), sy[t]))
-                loss = F.cross_entropy(learner(qx[t]), qy[t])
-                loss.backward()
-                total += loss.item()
-            for p in maml.parameters():
-                p.grad.mul_(1.0 / tasks)
-            opt.step()
-            return total / tasks
-
-        return step
+        return C.learn2learn_maml_step(model, batch, F.cross_entropy, args.inner_lr, args.inner_steps, args.lr)
 
     raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
 

@@ -4,12 +4,12 @@ The small-model case of the gradient-family issue, where per-task overhead domin
 2017's sinusoid regression (section 5.1), a 1-40-40-1 ReLU MLP, MSE, 25 tasks per meta-batch with
 K = 10 support and 10 query points, one inner step of lr 0.01, second order, then one Adam step.
 
-* metaxfer: ``MAML(MLP(), inner_lr=0.01, inner_steps=1, loss="mse", vectorize=True)`` (the tasks
+* metaxfer: ``MAML(MLP(), inner_lr=0.01, inner_steps=1, loss_fn=F.mse_loss, vectorize=True)`` (the tasks
   vectorised with ``torch.func.vmap``) and ``vectorize=False`` (a loop over tasks); one
-  ``loss(batch).backward()`` per meta-iteration.
+  ``loss(batch).backward()`` per meta-iteration (``metaxfer.train.fit.forward_backward``, as ``speed_maml.py``).
 * learn2learn: ``l2l.algorithms.MAML(model, lr=0.01, first_order=False)`` as in its
-  ``examples``: per task ``clone()``, ``adapt()``, query loss ``backward()``, then the gradients
-  scaled by 1 / tasks. The same architecture from the same initial weights.
+  ``examples`` (``_common.learn2learn_maml_step``, shared with ``speed_maml.py``). The same
+  architecture from the same initial weights.
 
 Timings alternate in one process (``_common.alternate``); the ratio reported is the median over
 rounds of the per-round ratio, robust to load that changes between rounds. The first meta-losses
@@ -50,6 +50,7 @@ def build(variant: str, batch: Any, args: argparse.Namespace) -> Callable[[], fl
     model = create("mlp", in_features=1, hidden=[40, 40], out_features=1)
     if variant.startswith("metaxfer"):
         from metaxfer.learners.gradient import MAML
+        from metaxfer.train.fit import forward_backward
 
         learner = MAML(model, inner_lr=args.inner_lr, inner_steps=1, first_order=False, loss_fn=F.mse_loss,
                        vectorize=variant == "metaxfer-vmap")
@@ -57,36 +58,14 @@ def build(variant: str, batch: Any, args: argparse.Namespace) -> Callable[[], fl
 
         def step() -> float:
             opt.zero_grad(set_to_none=True)
-            loss = learner.loss(batch)
-            loss.backward()
+            loss, _, _ = forward_backward(learner, batch, None)
             opt.step()
             return loss.item()
 
         return step
 
     if variant == "learn2learn":
-        import learn2learn as l2l
-
-        maml = l2l.algorithms.MAML(model, lr=args.inner_lr, first_order=False)
-        opt = torch.optim.Adam(maml.parameters(), args.lr)
-        sx, sy, qx, qy = batch.support_x, batch.support_y, batch.query_x, batch.query_y
-        tasks = batch.num_tasks
-
-        def step() -> float:
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for t in range(tasks):
-                learner = maml.clone()
-                learner.adapt(F.mse_loss(learner(sx[t]), sy[t]))
-                loss = F.mse_loss(learner(qx[t]), qy[t])
-                loss.backward()
-                total += loss.item()
-            for p in maml.parameters():
-                p.grad.mul_(1.0 / tasks)
-            opt.step()
-            return total / tasks
-
-        return step
+        return C.learn2learn_maml_step(model, batch, F.mse_loss, args.inner_lr, 1, args.lr)
 
     raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
 
