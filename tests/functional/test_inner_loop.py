@@ -94,6 +94,29 @@ def test_inner_loop_under_vmap_matches_per_task_loop() -> None:
             torch.testing.assert_close(batched[name][t], single[name], rtol=1e-13, atol=1e-13)
 
 
+def test_minibatches_cycle_through_the_support_set_in_order_and_compose_with_vmap() -> None:
+    gen = torch.Generator().manual_seed(5)
+    params = {"w": torch.randn(D, dtype=torch.float64, generator=gen), "b": torch.tensor(0.0, dtype=torch.float64)}
+    xs, ys = torch.randn(2, 6, D, dtype=torch.float64, generator=gen), torch.randn(2, 6, dtype=torch.float64, generator=gen)
+    # 4 steps of 4 over 6 examples: [0..3], [4, 5, 0, 1], [2..5], [0..3]: wraps around the set.
+    windows = [[0, 1, 2, 3], [4, 5, 0, 1], [2, 3, 4, 5], [0, 1, 2, 3]]
+    for t in range(2):
+        expected = dict(params)
+        for window in windows:
+            expected = inner_loop(_mse, expected, xs[t, window], ys[t, window], lr=0.1, steps=1)
+        got = inner_loop(_mse, params, xs[t], ys[t], lr=0.1, steps=4, batch_size=4)
+        batched = torch.func.vmap(lambda x, y: inner_loop(_mse, params, x, y, lr=0.1, steps=4, batch_size=4))(xs, ys)
+        for name in params:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-13, atol=1e-13)
+            torch.testing.assert_close(batched[name][t], expected[name], rtol=1e-13, atol=1e-13)
+    full = inner_loop(_mse, params, xs[0], ys[0], lr=0.1, steps=2)
+    for size in (None, 6, 10):  # a batch as large as the set is the full batch
+        same = inner_loop(_mse, params, xs[0], ys[0], lr=0.1, steps=2, batch_size=size)
+        assert all(torch.equal(same[k], full[k]) for k in params)
+    with pytest.raises(ValueError, match="batch_size must be a positive"):
+        inner_loop(_mse, params, xs[0], ys[0], lr=0.1, steps=1, batch_size=0)
+
+
 def test_zero_steps_returns_the_parameters_and_bad_inputs_raise() -> None:
     params = {"w": torch.randn(D), "b": torch.zeros(())}
     x, y = torch.randn(4, D), torch.randn(4)

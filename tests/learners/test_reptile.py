@@ -105,6 +105,40 @@ def test_support_plus_query_adapts_on_the_union() -> None:
     assert not torch.allclose(flat_grads(support, batch)[0], expected[0])
 
 
+def test_inner_minibatches_take_each_support_example_once_per_epoch() -> None:
+    model = mlp()
+    batch = cluster_batch(tasks=2, shots=4, queries=2, seed=6)  # 20 support examples per task, class by class
+    # 4 SGD steps of 5 = one epoch; checked against a per-step reference on the order the learner drew
+    # (same seed), and against the full batch, which must differ.
+    learner = Reptile(model, inner_lr=0.3, inner_steps=4, inner_optimizer="sgd", inner_batch_size=5)
+    torch.manual_seed(0)
+    grads = flat_grads(learner, batch)
+    torch.manual_seed(0)
+    from metaxfer.learners.reptile import _shuffle_support
+
+    shuffled = _shuffle_support(batch.batch())
+    for t in range(2):
+        order_y = shuffled.support_y[t]
+        assert sorted(order_y.tolist()) == sorted(batch.support_y[t].tolist())
+        assert any(len(set(order_y[i : i + 5].tolist())) > 1 for i in range(0, 20, 5)), "minibatches of one class"
+    theta = {k: p.detach() for k, p in model.named_parameters()}
+    phis = []
+    for t in range(2):
+        phi = theta
+        for step in range(4):
+            window = slice(5 * step, 5 * step + 5)
+            phi = learner._adapt_params(phi, {}, shuffled.support_x[t, window], shuffled.support_y[t, window], 1)
+        phis.append(phi)
+    for g, (k, _) in zip(grads, model.named_parameters()):
+        torch.testing.assert_close(g, theta[k] - torch.stack([phi[k] for phi in phis]).mean(0), rtol=1e-9, atol=1e-12)
+    full = Reptile(model, inner_lr=0.3, inner_steps=4, inner_optimizer="sgd")
+    assert not torch.allclose(flat_grads(full, batch)[0], grads[0])
+    # adapt() (evaluation) always uses the whole support set.
+    task = batch.task(0)
+    for k, v in learner.adapt(task.support_x, task.support_y).params.items():
+        torch.testing.assert_close(v, full.adapt(task.support_x, task.support_y).params[k], rtol=0, atol=0)
+
+
 def test_frozen_parameters_get_no_gradient_and_stay() -> None:
     model = mlp()
     model[0].weight.requires_grad_(False)
@@ -193,6 +227,9 @@ def test_inner_adam_rule_matches_torch_adam() -> None:
         ({"inner_lr": 0.0}, "inner_lr must be positive"),
         ({"adam_betas": (1.0, 0.999)}, "Adam betas must lie in"),
         ({"task_chunk": 0}, "task_chunk must be a positive"),
+        ({"inner_batch_size": 0}, "inner_batch_size must be a positive integer"),
+        ({"inner_batch_size": 2.5}, "inner_batch_size must be a positive integer"),
+        ({"inner_batch_size": 10, "inner_data": "support+query"}, "use inner_data='support'"),
     ],
 )
 def test_bad_configuration_raises_config_error(kwargs: dict, match: str) -> None:
@@ -224,6 +261,7 @@ def test_omniglot_preset_builds_with_the_paper_settings() -> None:
     assert isinstance(learner, Reptile)
     assert (learner.inner_steps, learner.eval_inner_steps, learner.inner_optimizer, learner.inner_lr) == (5, 50, "adam", 1e-3)
     assert learner.adam_betas[0] == 0.0 and cfg.train.tasks_per_step == 5 and cfg.train.steps == 100000
+    assert learner.inner_batch_size == 10 and cfg.train.shots == 10  # 5 steps of 10 = one epoch of 50
     assert (cfg.eval.ways, cfg.eval.shots) == (5, 1)
 
 

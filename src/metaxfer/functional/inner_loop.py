@@ -129,6 +129,7 @@ def inner_loop(
     grad_clip: float | None = None,
     update: UpdateRule | None = None,
     return_losses: bool = False,
+    batch_size: int | None = None,
 ) -> Params | InnerLoopResult:
     """Adapt ``params`` to one task by ``steps`` gradient steps on its support loss.
 
@@ -169,6 +170,12 @@ def inner_loop(
         update: replaces the SGD step by ``update(params, grads, loss, step,
             state) -> (params, state)`` (a learned optimiser).
         return_losses: also return the support loss before each step.
+        batch_size: each step uses the next ``batch_size`` examples of the
+            support set instead of all ``S``, cycling through it in order
+            (step ``k`` takes examples ``k*b .. k*b+b-1`` modulo ``S``), so
+            shuffle the support set first if it is sorted by class. Reptile's
+            inner minibatches (Nichol et al. 2018: 5 steps of 10 over 50
+            examples, one epoch). ``None`` uses the whole set at every step.
 
     Returns:
         The adapted parameters ``theta'`` as a new dict with the keys of
@@ -176,7 +183,8 @@ def inner_loop(
 
     Raises:
         ValueError: for ``steps < 0``, a per-step ``lr`` list of the wrong
-            length, ``grad_clip <= 0``, or neither ``lr`` nor ``update``.
+            length, ``grad_clip <= 0``, ``batch_size <= 0``, or neither ``lr``
+            nor ``update``.
 
     Example:
         >>> model = torch.nn.Linear(4, 3)
@@ -193,6 +201,8 @@ def inner_loop(
         raise ValueError(f"grad_clip must be a positive norm or None, got {grad_clip}")
     if update is None and lr is None:
         raise ValueError("give an inner learning rate (lr) or an update rule")
+    if batch_size is not None and batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive number of examples or None, got {batch_size}")
     per_step = isinstance(lr, (list, tuple))
     if per_step and len(lr) < steps:  # type: ignore[arg-type]
         raise ValueError(f"{len(lr)} per-step learning rates for {steps} steps; give one per step")  # type: ignore[arg-type]
@@ -200,8 +210,16 @@ def inner_loop(
     adapted: Params = dict(params)
     losses: list[Tensor] = []
     state: Any = None
+    num_support = support_x.shape[0]
+    minibatches = batch_size is not None and batch_size < num_support
     for step in range(steps):
-        grads, loss = grad_fn(adapted, support_x, support_y)
+        x, y = support_x, support_y
+        if minibatches:
+            # A constant index tensor (not a data-dependent one) keeps the step vmap-able.
+            start = step * batch_size  # type: ignore[operator]
+            index = torch.arange(start, start + batch_size, device=support_x.device) % num_support  # type: ignore[operator]
+            x, y = support_x.index_select(0, index), support_y.index_select(0, index)
+        grads, loss = grad_fn(adapted, x, y)
         losses.append(loss.detach())
         if first_order:
             # Detaching at the outer level keeps the step's value but drops its

@@ -83,11 +83,15 @@ class Reptile(Learner):
           (0, 0.999)`` as in the paper (appendix A, "Adam with beta1 = 0"),
           with its moments reset for every task so that tasks are
           independent under ``vmap``; ``"sgd"`` is plain gradient descent.
-        * Full batch: each inner step uses all of the task's inner data.
-          The paper uses minibatches of 10 (5 steps over 50 examples = one
-          epoch); the shared inner loop computes the support loss on the
-          whole set, and with Adam's normalised steps the difference is
-          gradient noise only.
+        * Minibatches: by default each inner step uses all of the task's
+          inner data. ``inner_batch_size=b`` makes each meta-training inner
+          step use the next ``b`` examples of the task's support set,
+          shuffled afresh for every task and step of training, as in the
+          paper (Omniglot: 5 steps of 10 over 50 examples, one epoch, a
+          fifth of the full-batch cost). BatchNorm then uses the
+          minibatch's statistics. :meth:`adapt` always uses the whole
+          support set (the paper's evaluation batch for 5-way 1-shot is
+          the 5 support images).
         * Inner gradients are never differentiated (first order): the adapted
           weights are computed without an outer graph, which keeps the
           memory of a step independent of ``inner_steps``.
@@ -109,6 +113,8 @@ class Reptile(Learner):
         inner_optimizer: ``"adam"`` or ``"sgd"``.
         adam_betas: ``(beta1, beta2)`` of the inner Adam.
         inner_data: ``"support"`` or ``"support+query"`` (see above).
+        inner_batch_size: examples per meta-training inner step (``None``:
+            the whole support set); only with ``inner_data="support"``.
         vectorize: adapt the tasks of a meta-batch together with
             ``torch.func.vmap``; ``False`` loops over tasks (same result).
         task_chunk: with ``vectorize``, vmap over at most this many tasks at a
@@ -149,6 +155,7 @@ class Reptile(Learner):
         inner_optimizer: str = "adam",
         adam_betas: Sequence[float] = (0.0, 0.999),
         inner_data: str = "support",
+        inner_batch_size: int | None = None,
         vectorize: bool = True,
         task_chunk: int | None = None,
         transductive: bool = False,
@@ -160,6 +167,14 @@ class Reptile(Learner):
             raise ConfigError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
         if inner_data not in INNER_DATA:
             raise ConfigError(f"inner_data must be one of {INNER_DATA}, got {inner_data!r}")
+        bad_batch = isinstance(inner_batch_size, bool) or not isinstance(inner_batch_size, int) or inner_batch_size <= 0
+        if inner_batch_size is not None and bad_batch:
+            raise ConfigError(f"inner_batch_size must be a positive integer or None, got {inner_batch_size!r}")
+        if inner_batch_size is not None and inner_data != "support":
+            raise ConfigError(
+                "inner_batch_size draws minibatches from the support set only; "
+                f"use inner_data='support' (got {inner_data!r}) or drop inner_batch_size"
+            )
         if inner_lr <= 0:
             raise ConfigError(f"inner_lr must be positive, got {inner_lr}")
         if len(adam_betas) != 2:
@@ -175,6 +190,7 @@ class Reptile(Learner):
             AdamUpdate(self.inner_lr, self.adam_betas) if inner_optimizer == "adam" else None
         )
         self.inner_data = inner_data
+        self.inner_batch_size = inner_batch_size
         self.vectorize = bool(vectorize)
         self.task_chunk = task_chunk
         self.transductive = bool(transductive)
@@ -183,11 +199,16 @@ class Reptile(Learner):
 
     # -- inner loop ----------------------------------------------------------------------------
 
-    def _adapt_params(self, params: Params, frozen: Params, x: Tensor, y: Tensor, steps: int) -> Params:
-        """``steps`` inner steps on ``(x [N, *x_shape], y [N])`` from ``params``; the adapted params."""
+    def _adapt_params(
+        self, params: Params, frozen: Params, x: Tensor, y: Tensor, steps: int, batch_size: int | None = None
+    ) -> Params:
+        """``steps`` inner steps on ``(x [N, *x_shape], y [N])`` (minibatches of ``batch_size``); the adapted params."""
 
         lr = None if self._update is not None else self.inner_lr
-        return inner_loop(support_loss_of(self.model, self.loss_fn, frozen), params, x, y, lr, steps, first_order=True, update=self._update)  # type: ignore[return-value]
+        return inner_loop(  # type: ignore[return-value]
+            support_loss_of(self.model, self.loss_fn, frozen), params, x, y, lr, steps,
+            first_order=True, update=self._update, batch_size=batch_size,
+        )
 
     def _task(
         self, params: Params, frozen: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
@@ -196,7 +217,7 @@ class Reptile(Learner):
         x, y = support_x, support_y
         if self.inner_data == "support+query":
             x, y = torch.cat([support_x, query_x]), torch.cat([support_y, query_y])
-        phi = self._adapt_params(params, frozen, x, y, self.inner_steps)
+        phi = self._adapt_params(params, frozen, x, y, self.inner_steps, self.inner_batch_size)
         return phi, query_outputs(self.model, {**frozen, **phi}, support_x, query_x, self.transductive)
 
     # -- the learner contract ------------------------------------------------------------------
@@ -216,6 +237,8 @@ class Reptile(Learner):
             parameters only. Sets ``self.last_metrics``.
         """
         batch = batch.batch()
+        if self.inner_batch_size is not None:
+            batch = _shuffle_support(batch)
         live, _ = split_params(self.model, detach=False)
         params, frozen = split_params(self.model, detach=True)
         # No outer graph: phi is a constant target (first order), so the inner loop needs no
@@ -248,9 +271,22 @@ class Reptile(Learner):
     def extra_repr(self) -> str:
         return (
             f"inner_optimizer={self.inner_optimizer!r}, inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, "
-            f"eval_inner_steps={self.eval_inner_steps}, inner_data={self.inner_data!r}, vectorize={self.vectorize}, "
+            f"eval_inner_steps={self.eval_inner_steps}, inner_data={self.inner_data!r}, "
+            f"inner_batch_size={self.inner_batch_size}, vectorize={self.vectorize}, "
             f"task_chunk={self.task_chunk}, transductive={self.transductive}"
         )
+
+
+def _shuffle_support(batch: Episode) -> Episode:
+    """A copy of ``batch`` (``[T, S, ...]``) with each task's support set in its own random order.
+
+    Episodes list the support class by class, so consecutive inner minibatches
+    would otherwise each hold one or two classes.
+    """
+    tasks, shots = batch.support_y.shape[:2]
+    order = torch.rand(tasks, shots, device=batch.support_y.device).argsort(dim=1)
+    rows = torch.arange(tasks, device=order.device).unsqueeze(1)
+    return batch._replace(support_x=batch.support_x[rows, order], support_y=batch.support_y[rows, order])
 
 
 @register_learner("reptile")
