@@ -8,6 +8,8 @@ Usage (after `metaxfer train --config omniglot/protonet_5w1s --run-dir runs/prot
 Writes one JSON record with, per (ways, shots): mean ± 95% CI over 600 fixed episodes
 (seed 0, 15 queries per class), the episode fingerprint, the checkpoint's step, and the
 wall-clock time at which validation accuracy first reached --target (from metrics.jsonl).
+--transductive normalises each episode's queries with their own BatchNorm batch statistics
+(the "transduction" rows of the MAML and Reptile papers) instead of the support statistics.
 """
 
 from __future__ import annotations
@@ -42,11 +44,17 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", type=float, default=97.0, help="validation accuracy for time-to-accuracy")
+    parser.add_argument("--transductive", action="store_true",
+                        help="BatchNorm on the query batch's own statistics (gradient-based learners)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     tune_allocator()
     run_dir = Path(args.run_dir)
     learner = load(run_dir)
+    if args.transductive:
+        if not hasattr(learner, "transductive"):
+            raise SystemExit(f"--transductive: {type(learner).__name__} has no BatchNorm policy to change")
+        learner.transductive = True
     cfg = config_from_dict(learner.card["run_config"])
     test_set = build_dataset(cfg.data, cfg.data.test_split)
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -66,9 +74,11 @@ def main() -> None:
         "trained_steps_total": max((r["step"] for r in records), default=0),
         "train_seconds_total": max((r["seconds"] for r in records), default=0),
         f"time_to_val_{args.target:g}": time_to(records, args.target),
+        "transductive": bool(getattr(learner, "transductive", False)),
         "results": results,
         "eval_command": "python benchmarks/omniglot_accuracy.py " + " ".join(
-            f"--eval {e}" for e in args.eval) + f" --run-dir {args.run_dir} --out {args.out}",
+            f"--eval {e}" for e in args.eval) + (" --transductive" if args.transductive else "")
+        + f" --run-dir {args.run_dir} --out {args.out}",
     }
     C.write_record(record, args.out)
 
