@@ -7,6 +7,9 @@ from PIL import Image
 import metaxfer
 
 ZOO = metaxfer.list_zoo()
+# Episodes re-checked per model in the slow test: 100, fewer where an episode is costly (eight learned
+# update steps; 20-way relation scores over 300 x 20 pairs), so that the suite stays within CI's budget.
+CHECK_EPISODES = {"lstm-meta-omniglot-5w5s": 30, "relation-omniglot-20w1s": 40}
 
 
 def test_zoo_lists_packaged_models():
@@ -29,7 +32,7 @@ def test_zoo_model_loads_by_name_with_card(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_model_accuracy_on_real_omniglot(name, omniglot_root):
-    """A cheap re-check of the card: 100 of the fixed test episodes, within the card's CI widened by sampling."""
+    """A cheap re-check of the card: the first n of its fixed test episodes, within 4 standard errors of its mean."""
     from metaxfer.build import build_dataset
     from metaxfer.config import config_from_dict
     from metaxfer.tasks import EpisodeSampler
@@ -42,6 +45,6 @@ def test_zoo_model_accuracy_on_real_omniglot(name, omniglot_root):
     episodes = EpisodeSampler(test, card["ways"], card["shots"], card["queries"], seed=card["seed"]).fixed_episodes(
         card["n"], seed=card["seed"])
     assert episodes.fingerprint == card["fingerprint"]  # the very episodes the card was measured on
-    res = metaxfer.evaluate(learner, episodes[:100])
-    # The first 100 of the card's episodes: their mean must lie within 4 standard errors of the card's mean.
-    assert abs(res.mean - card["mean"]) < 4 * card["std"] / 10 + 1e-6
+    n = CHECK_EPISODES.get(name, 100)
+    res = metaxfer.evaluate(learner, episodes[:n])
+    assert abs(res.mean - card["mean"]) < 4 * card["std"] / n**0.5 + 1e-6
