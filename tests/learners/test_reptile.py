@@ -12,6 +12,7 @@ import metaxfer
 from metaxfer.config import load_config
 from metaxfer.errors import ConfigError
 from metaxfer.evaluate import evaluate
+from metaxfer.functional.inner_loop import inner_loop
 from metaxfer.functional.update_rules import AdamUpdate
 from metaxfer.learners.registry import create_learner
 from metaxfer.learners.reptile import Reptile
@@ -127,7 +128,7 @@ def test_inner_minibatches_take_each_support_example_once_per_epoch() -> None:
         phi = theta
         for step in range(4):
             window = slice(5 * step, 5 * step + 5)
-            phi = learner._adapt_params(phi, {}, shuffled.support_x[t, window], shuffled.support_y[t, window], 1)
+            phi, _ = learner._adapt_params(phi, {}, shuffled.support_x[t, window], shuffled.support_y[t, window], 1)
         phis.append(phi)
     for g, (k, _) in zip(grads, model.named_parameters()):
         torch.testing.assert_close(g, theta[k] - torch.stack([phi[k] for phi in phis]).mean(0), rtol=1e-9, atol=1e-12)
@@ -214,6 +215,76 @@ def test_inner_adam_rule_matches_torch_adam() -> None:
         torch.testing.assert_close(params["w"], w.detach(), rtol=1e-12, atol=1e-12)
 
 
+def test_inner_adam_continued_from_its_state_equals_one_longer_run() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a, target = torch.randn(6, 3, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
+    rule, w0 = AdamUpdate(0.1, betas=(0.5, 0.9)), {"w": torch.randn(3, generator=gen, dtype=torch.float64)}
+
+    def loss(p: dict, x: Tensor, y: Tensor) -> Tensor:
+        return ((x @ p["w"] - y) ** 2).mean()
+
+    straight, state5 = inner_loop(loss, w0, a, target, None, 5, update=rule, return_state=True)
+    part, state3 = inner_loop(loss, w0, a, target, None, 3, update=rule, return_state=True)
+    resumed, state = inner_loop(loss, part, a, target, None, 2, update=rule, update_state=state3, return_state=True)
+    torch.testing.assert_close(resumed["w"], straight["w"], rtol=1e-12, atol=1e-12)
+    assert int(state["t"]) == int(state5["t"]) == 5
+    fresh = inner_loop(loss, part, a, target, None, 2, update=rule)  # a fresh state restarts the bias correction
+    assert not torch.allclose(fresh["w"], straight["w"])
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_persistent_inner_adam_state_is_the_mean_of_the_tasks_final_moments(vectorize: bool) -> None:
+    model = mlp()
+    learner = Reptile(model, inner_lr=0.05, inner_steps=2, persistent_inner_state=True, vectorize=vectorize,
+                      adam_betas=(0.0, 0.99)).double()
+    theta = {k: p.detach().clone() for k, p in model.named_parameters()}
+    state = AdamUpdate.initial_state(theta)
+    for call, seed in enumerate((7, 8)):
+        batch = cluster_batch(tasks=3, shots=2, queries=2, seed=seed)
+        grads = flat_grads(learner, batch)
+        finals, phis = [], []
+        for t in range(3):  # reference: each task from the stored state, by the rule itself
+            task = batch.task(t)
+            phi, final = learner._adapt_params(theta, {}, task.support_x, task.support_y, 2, state=state)
+            phis.append(phi)
+            finals.append(final)
+        for g, (k, _) in zip(grads, model.named_parameters()):
+            torch.testing.assert_close(g, theta[k] - torch.stack([phi[k] for phi in phis]).mean(0), rtol=1e-9, atol=1e-12)
+        state = {m: {k: torch.stack([f[m][k] for f in finals]).mean(0) for k in theta} for m in ("m", "v")}
+        state["t"] = torch.tensor(2.0 * (call + 1), dtype=torch.float64)
+        stored = learner.inner_state.get()
+        assert float(stored["t"]) == 2 * (call + 1)
+        for m in ("m", "v"):
+            for k in theta:
+                torch.testing.assert_close(stored[m][k], state[m][k], rtol=1e-12, atol=1e-15)
+    assert float(state["v"]["0.weight"].abs().sum()) > 0
+
+
+def test_persistent_state_is_used_but_not_changed_by_adapt_and_is_saved(tmp_path) -> None:
+    model = mlp()
+    learner = Reptile(model, inner_lr=0.05, inner_steps=2, eval_inner_steps=3, persistent_inner_state=True).double()
+    reset = Reptile(model, inner_lr=0.05, inner_steps=2, eval_inner_steps=3).double()
+    learner.loss(cluster_batch(tasks=2, shots=2, queries=2, seed=3))
+    before = {k: v.clone() for k, v in learner.inner_state.state_dict().items()}
+    task = cluster_batch(tasks=1, shots=2, queries=2, seed=4).task(0)
+    adapted = learner.adapt(task.support_x, task.support_y).params
+    for k, v in learner.inner_state.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert float(before["t"]) == 2.0
+    assert not torch.allclose(adapted["0.weight"], reset.adapt(task.support_x, task.support_y).params["0.weight"])
+    assert any(k.startswith("inner_state.v__") for k in learner.state_dict())
+    spec = {"learner": "reptile", "backbone": "conv4", "backbone_args": {"hidden": 8, "image_size": 16, "num_classes": WAYS},
+            "learner_args": {"persistent_inner_state": True}}
+    built = metaxfer.build_learner(spec)
+    built.loss(Episode(torch.randn(2, 5, 1, 16, 16), torch.arange(5).repeat(2, 1),
+                       torch.randn(2, 5, 1, 16, 16), torch.arange(5).repeat(2, 1)))
+    metaxfer.save(built, tmp_path / "m")
+    loaded = metaxfer.load(tmp_path / "m")
+    assert loaded.persistent_inner_state and float(loaded.inner_state.t) == float(built.inner_state.t) == 5.0
+    for k, v in built.inner_state.state_dict().items():
+        assert torch.equal(v, loaded.inner_state.state_dict()[k]), k
+
+
 # --- configuration, registry, presets, save / load --------------------------------------------
 
 
@@ -230,6 +301,7 @@ def test_inner_adam_rule_matches_torch_adam() -> None:
         ({"inner_batch_size": 0}, "inner_batch_size must be a positive integer"),
         ({"inner_batch_size": 2.5}, "inner_batch_size must be a positive integer"),
         ({"inner_batch_size": 10, "inner_data": "support+query"}, "use inner_data='support'"),
+        ({"persistent_inner_state": True, "inner_optimizer": "sgd"}, "use inner_optimizer='adam'"),
     ],
 )
 def test_bad_configuration_raises_config_error(kwargs: dict, match: str) -> None:

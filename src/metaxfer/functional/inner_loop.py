@@ -130,7 +130,9 @@ def inner_loop(
     update: UpdateRule | None = None,
     return_losses: bool = False,
     batch_size: int | None = None,
-) -> Params | InnerLoopResult:
+    update_state: Any = None,
+    return_state: bool = False,
+) -> Params | InnerLoopResult | tuple[Params | InnerLoopResult, Any]:
     """Adapt ``params`` to one task by ``steps`` gradient steps on its support loss.
 
     Implements the inner update of MAML (Finn, Abbeel & Levine 2017, eq. 1),
@@ -176,10 +178,17 @@ def inner_loop(
             shuffle the support set first if it is sorted by class. Reptile's
             inner minibatches (Nichol et al. 2018: 5 steps of 10 over 50
             examples, one epoch). ``None`` uses the whole set at every step.
+        update_state: the ``update`` rule's state before the first step
+            (``None``: the rule's own fresh state), e.g. Adam moments kept
+            across tasks as in Reptile's reference code.
+        return_state: return ``(result, state)``: what would be returned
+            otherwise, and the ``update`` rule's state after the last step
+            (``None`` for SGD steps), to carry into the next task.
 
     Returns:
         The adapted parameters ``theta'`` as a new dict with the keys of
-        ``params``; with ``return_losses`` an :class:`InnerLoopResult`.
+        ``params``; with ``return_losses`` an :class:`InnerLoopResult`;
+        with ``return_state`` a pair of that and the update rule's state.
 
     Raises:
         ValueError: for ``steps < 0``, a per-step ``lr`` list of the wrong
@@ -209,7 +218,7 @@ def inner_loop(
     grad_fn = torch.func.grad_and_value(support_loss)
     adapted: Params = dict(params)
     losses: list[Tensor] = []
-    state: Any = None
+    state: Any = update_state
     num_support = support_x.shape[0]
     minibatches = batch_size is not None and batch_size < num_support
     for step in range(steps):
@@ -231,11 +240,11 @@ def inner_loop(
             adapted, state = update(adapted, grads, loss, step, state)
         else:
             adapted = sgd_step(adapted, grads, lr[step] if per_step else lr)  # type: ignore[index,arg-type]
-    if not return_losses:
-        return adapted
-    anchor = next(iter(params.values()))
-    stacked = torch.stack(losses) if losses else anchor.new_zeros(0)
-    return InnerLoopResult(adapted, stacked)
+    result: Params | InnerLoopResult = adapted
+    if return_losses:
+        anchor = next(iter(params.values()))
+        result = InnerLoopResult(adapted, torch.stack(losses) if losses else anchor.new_zeros(0))
+    return (result, state) if return_state else result
 
 
 # --- BatchNorm with support statistics ---------------------------------------------------------

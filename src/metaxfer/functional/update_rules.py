@@ -37,12 +37,13 @@ class AdamUpdate:
     ``theta <- theta - lr * m_hat / (sqrt(v_hat) + eps)`` with the usual bias
     corrections ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``.
 
-    The state starts at zero for every task: each call of ``inner_loop`` is
-    one task, so tasks of a vmapped meta-batch are independent. (The Reptile
-    reference code, openai/supervised-reptile, keeps TensorFlow's Adam slots
-    across training tasks; resetting them is what makes the inner loop a
-    pure function of one task and is the same as their evaluation, which
-    restores the optimiser state after each task.)
+    The state is ``{"m": moments, "v": moments, "t": steps taken}``. It
+    starts at zero for every task unless ``inner_loop`` is given an initial
+    ``update_state``: the Reptile reference code (openai/supervised-reptile)
+    keeps TensorFlow's Adam slots across training tasks and starts every
+    evaluation task from them, which :class:`metaxfer.learners.Reptile`
+    reproduces with ``persistent_inner_state=True``. ``t`` carries on from
+    the initial state, so the bias correction is Adam's own.
 
     Args:
         lr: step size (Reptile: 1e-3 on Omniglot 5-way).
@@ -68,14 +69,22 @@ class AdamUpdate:
     def __call__(self, params: Params, grads: Params, loss: Tensor, step: int, state: Any) -> tuple[Params, Any]:
         b1, b2 = self.betas
         if state is None:
-            state = {"m": {k: torch.zeros_like(g) for k, g in grads.items()},
-                     "v": {k: torch.zeros_like(g) for k, g in grads.items()}}
-        t = step + 1  # steps are counted from 0 by inner_loop, Adam's bias correction from 1
+            state = self.initial_state(grads)
+        # A tensor step count (not ``step``) so that it can continue across tasks; Adam counts from 1.
+        t = state["t"] + 1
         m = {k: b1 * state["m"][k] + (1 - b1) * g for k, g in grads.items()}
         v = {k: b2 * state["v"][k] + (1 - b2) * g * g for k, g in grads.items()}
-        c1, c2 = 1 - b1**t, 1 - b2**t
+        c1, c2 = 1 - torch.pow(b1, t), 1 - torch.pow(b2, t)
         new = {k: p - self.lr * (m[k] / c1) / (torch.sqrt(v[k] / c2) + self.eps) for k, p in params.items()}
-        return new, {"m": m, "v": v}
+        return new, {"m": m, "v": v, "t": t}
+
+    @staticmethod
+    def initial_state(params: Params) -> dict[str, Any]:
+        """Zero moments shaped like ``params`` and a step count of 0 (the state before any step)."""
+        anchor = next(iter(params.values()))
+        return {"m": {k: torch.zeros_like(p) for k, p in params.items()},
+                "v": {k: torch.zeros_like(p) for k, p in params.items()},
+                "t": anchor.new_zeros(())}
 
     def __repr__(self) -> str:
         return f"AdamUpdate(lr={self.lr}, betas={self.betas}, eps={self.eps})"

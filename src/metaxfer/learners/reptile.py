@@ -80,9 +80,20 @@ class Reptile(Learner):
           reported query accuracy is then an in-sample fit accuracy).
           :meth:`adapt` always uses the support set only.
         * Optimiser: ``inner_optimizer="adam"`` is Adam with ``betas =
-          (0, 0.999)`` as in the paper (appendix A, "Adam with beta1 = 0"),
-          with its moments reset for every task so that tasks are
-          independent under ``vmap``; ``"sgd"`` is plain gradient descent.
+          (0, 0.999)`` as in the paper (appendix A, "Adam with beta1 = 0");
+          ``"sgd"`` is plain gradient descent. By default Adam's moments are
+          reset for every task, so its first step moves every weight by
+          ``inner_lr`` whatever its gradient's size (sign descent).
+          ``persistent_inner_state=True`` keeps them across tasks as the
+          reference code does (TensorFlow's Adam slots are never reset):
+          every task of a meta-batch starts from the learner's stored
+          moments and step count (buffers, saved in checkpoints), which then
+          become the mean of the tasks' final moments (the tasks of a
+          vmapped batch run side by side, where the reference chains them
+          one after another) and ``t + inner_steps``; :meth:`adapt` starts
+          from them without changing them (the reference restores its
+          state after each evaluation task). Under ``torch.distributed``
+          the moments are averaged over processes.
         * Minibatches: by default each inner step uses all of the task's
           inner data. ``inner_batch_size=b`` makes each meta-training inner
           step use the next ``b`` examples of the task's support set,
@@ -115,6 +126,8 @@ class Reptile(Learner):
         inner_data: ``"support"`` or ``"support+query"`` (see above).
         inner_batch_size: examples per meta-training inner step (``None``:
             the whole support set); only with ``inner_data="support"``.
+        persistent_inner_state: keep the inner Adam's moments across tasks
+            (see above); only with ``inner_optimizer="adam"``.
         vectorize: adapt the tasks of a meta-batch together with
             ``torch.func.vmap``; ``False`` loops over tasks (same result).
         task_chunk: with ``vectorize``, vmap over at most this many tasks at a
@@ -156,6 +169,7 @@ class Reptile(Learner):
         adam_betas: Sequence[float] = (0.0, 0.999),
         inner_data: str = "support",
         inner_batch_size: int | None = None,
+        persistent_inner_state: bool = False,
         vectorize: bool = True,
         task_chunk: int | None = None,
         transductive: bool = False,
@@ -175,6 +189,11 @@ class Reptile(Learner):
                 "inner_batch_size draws minibatches from the support set only; "
                 f"use inner_data='support' (got {inner_data!r}) or drop inner_batch_size"
             )
+        if persistent_inner_state and inner_optimizer != "adam":
+            raise ConfigError(
+                "persistent_inner_state keeps the inner Adam's moments across tasks; "
+                f"use inner_optimizer='adam' (got {inner_optimizer!r}) or drop persistent_inner_state"
+            )
         if inner_lr <= 0:
             raise ConfigError(f"inner_lr must be positive, got {inner_lr}")
         if len(adam_betas) != 2:
@@ -191,6 +210,8 @@ class Reptile(Learner):
         )
         self.inner_data = inner_data
         self.inner_batch_size = inner_batch_size
+        self.persistent_inner_state = bool(persistent_inner_state)
+        self.inner_state = _AdamMoments(model) if self.persistent_inner_state else None
         self.vectorize = bool(vectorize)
         self.task_chunk = task_chunk
         self.transductive = bool(transductive)
@@ -200,25 +221,31 @@ class Reptile(Learner):
     # -- inner loop ----------------------------------------------------------------------------
 
     def _adapt_params(
-        self, params: Params, frozen: Params, x: Tensor, y: Tensor, steps: int, batch_size: int | None = None
-    ) -> Params:
-        """``steps`` inner steps on ``(x [N, *x_shape], y [N])`` (minibatches of ``batch_size``); the adapted params."""
-
+        self, params: Params, frozen: Params, x: Tensor, y: Tensor, steps: int, batch_size: int | None = None,
+        state: dict | None = None,
+    ) -> tuple[Params, dict | None]:
+        """``steps`` inner steps on ``(x [N, *x_shape], y [N])`` (minibatches of ``batch_size``) from the inner
+        optimiser ``state``; the adapted params and the optimiser's final state."""
         lr = None if self._update is not None else self.inner_lr
         return inner_loop(  # type: ignore[return-value]
             support_loss_of(self.model, self.loss_fn, frozen), params, x, y, lr, steps,
-            first_order=True, update=self._update, batch_size=batch_size,
+            first_order=True, update=self._update, batch_size=batch_size, update_state=state, return_state=True,
         )
 
     def _task(
-        self, params: Params, frozen: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
-    ) -> tuple[Params, Tensor]:
-        """One task: (adapted params ``phi``, query outputs ``[Q, ...]`` after adaptation)."""
+        self, params: Params, frozen: Params, state: dict | None,
+        support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+    ) -> tuple[Params, Tensor, dict]:
+        """One task: (adapted params ``phi``, query outputs ``[Q, ...]`` after adaptation, the inner Adam's final
+        moments when they persist, else ``{}``)."""
         x, y = support_x, support_y
         if self.inner_data == "support+query":
             x, y = torch.cat([support_x, query_x]), torch.cat([support_y, query_y])
-        phi = self._adapt_params(params, frozen, x, y, self.inner_steps, self.inner_batch_size)
-        return phi, query_outputs(self.model, {**frozen, **phi}, support_x, query_x, self.transductive)
+        phi, final = self._adapt_params(params, frozen, x, y, self.inner_steps, self.inner_batch_size, state)
+        outputs = query_outputs(self.model, {**frozen, **phi}, support_x, query_x, self.transductive)
+        if self.inner_state is None:
+            return phi, outputs, {}
+        return phi, outputs, {"m": final["m"], "v": final["v"]}  # the step count is the same for every task
 
     # -- the learner contract ------------------------------------------------------------------
 
@@ -243,10 +270,14 @@ class Reptile(Learner):
         params, frozen = split_params(self.model, detach=True)
         # No outer graph: phi is a constant target (first order), so the inner loop needs no
         # autograd tape beyond torch.func.grad's own, and its memory does not grow with the tasks.
+        state = None if self.inner_state is None else self.inner_state.get()
         with torch.no_grad():
-            parts = map_tasks(self._task, (params, frozen), batch, self.vectorize, self.task_chunk)
-            phis, outputs = stack_results(parts, self.vectorize)
+            parts = map_tasks(self._task, (params, frozen, state), batch, self.vectorize, self.task_chunk)
+            phis, outputs, finals = stack_results(parts, self.vectorize)
             target = {name: phi.mean(0) for name, phi in phis.items()}
+            if self.inner_state is not None:
+                self.inner_state.set({k: {n: x.mean(0) for n, x in finals[k].items()} for k in ("m", "v")},
+                                     steps=self.inner_steps)
         self.last_metrics = classification_metrics(outputs, batch.query_y)
         return 0.5 * sum(((live[name] - target[name]) ** 2).sum() for name in live)  # type: ignore[return-value]
 
@@ -263,8 +294,9 @@ class Reptile(Learner):
             of the adapted parameters (queries normalised with support statistics).
         """
         params, frozen = split_params(self.model, detach=True)
+        state = None if self.inner_state is None else self.inner_state.get()
         with torch.no_grad():
-            adapted = self._adapt_params(params, frozen, support_x, support_y, self.eval_inner_steps)
+            adapted, _ = self._adapt_params(params, frozen, support_x, support_y, self.eval_inner_steps, state=state)
         state = {name: t.detach().clone() for name, t in {**frozen, **adapted}.items()}
         return AdaptedPredictor(self.model, state, None if self.transductive else support_x.detach().clone())
 
@@ -272,9 +304,53 @@ class Reptile(Learner):
         return (
             f"inner_optimizer={self.inner_optimizer!r}, inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, "
             f"eval_inner_steps={self.eval_inner_steps}, inner_data={self.inner_data!r}, "
-            f"inner_batch_size={self.inner_batch_size}, vectorize={self.vectorize}, "
+            f"inner_batch_size={self.inner_batch_size}, persistent_inner_state={self.persistent_inner_state}, "
+            f"vectorize={self.vectorize}, "
             f"task_chunk={self.task_chunk}, transductive={self.transductive}"
         )
+
+
+class _AdamMoments(nn.Module):
+    """The inner Adam's moments ``m``, ``v`` (one buffer per trainable model parameter) and step count ``t``.
+
+    Buffers, so that they follow the learner across devices and into checkpoints. Parameter names hold
+    dots, which buffer names may not: ``conv.0.weight`` is stored as ``m__conv__0__weight``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self.register_buffer(self._key("m", name), torch.zeros_like(p.detach()))
+                self.register_buffer(self._key("v", name), torch.zeros_like(p.detach()))
+        self.register_buffer("t", torch.zeros(()))
+
+    @staticmethod
+    def _key(moment: str, name: str) -> str:
+        return f"{moment}__{name.replace('.', '__')}"
+
+    def get(self) -> dict:
+        """The state as :class:`~metaxfer.functional.update_rules.AdamUpdate` takes it (detached copies)."""
+        return {
+            "m": {n: getattr(self, self._key("m", n)).clone() for n in self.names},
+            "v": {n: getattr(self, self._key("v", n)).clone() for n in self.names},
+            "t": self.t.clone(),
+        }
+
+    @torch.no_grad()
+    def set(self, moments: dict, steps: int) -> None:
+        """Store new moments (averaged over processes when distributed) and advance ``t`` by ``steps``."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        for moment in ("m", "v"):
+            for name in self.names:
+                value = moments[moment][name]
+                if distributed:
+                    value = value.clone()
+                    torch.distributed.all_reduce(value)
+                    value /= torch.distributed.get_world_size()
+                getattr(self, self._key(moment, name)).copy_(value)
+        self.t += steps
 
 
 def _shuffle_support(batch: Episode) -> Episode:
