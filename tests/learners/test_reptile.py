@@ -332,6 +332,7 @@ def test_omniglot_preset_builds_with_the_paper_settings() -> None:
     learner = metaxfer.build_learner(cfg.model)
     assert isinstance(learner, Reptile)
     assert (learner.inner_steps, learner.eval_inner_steps, learner.inner_optimizer, learner.inner_lr) == (5, 50, "adam", 1e-3)
+    assert learner.persistent_inner_state and learner.inner_batch_size == 10
     assert learner.adam_betas[0] == 0.0 and cfg.train.tasks_per_step == 5 and cfg.train.steps == 100000
     assert learner.inner_batch_size == 10 and cfg.train.shots == 10  # 5 steps of 10 = one epoch of 50
     assert (cfg.eval.ways, cfg.eval.shots) == (5, 1)
