@@ -210,13 +210,17 @@ class Reptile(Learner):
         )
         self.inner_data = inner_data
         self.inner_batch_size = inner_batch_size
-        self.persistent_inner_state = bool(persistent_inner_state)
-        self.inner_state = _AdamMoments(model) if self.persistent_inner_state else None
+        self.inner_state = _AdamMoments(model) if persistent_inner_state else None
         self.vectorize = bool(vectorize)
         self.task_chunk = task_chunk
         self.transductive = bool(transductive)
         self.loss_fn = loss_fn
         self.last_metrics: dict[str, float] = {}
+
+    @property
+    def persistent_inner_state(self) -> bool:
+        """Whether the inner Adam's moments are kept across tasks (see the class docstring)."""
+        return self.inner_state is not None
 
     # -- inner loop ----------------------------------------------------------------------------
 
@@ -294,9 +298,9 @@ class Reptile(Learner):
             of the adapted parameters (queries normalised with support statistics).
         """
         params, frozen = split_params(self.model, detach=True)
-        state = None if self.inner_state is None else self.inner_state.get()
+        inner = None if self.inner_state is None else self.inner_state.get()
         with torch.no_grad():
-            adapted, _ = self._adapt_params(params, frozen, support_x, support_y, self.eval_inner_steps, state=state)
+            adapted, _ = self._adapt_params(params, frozen, support_x, support_y, self.eval_inner_steps, state=inner)
         state = {name: t.detach().clone() for name, t in {**frozen, **adapted}.items()}
         return AdaptedPredictor(self.model, state, None if self.transductive else support_x.detach().clone())
 
@@ -319,11 +323,11 @@ class _AdamMoments(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                self.register_buffer(self._key("m", name), torch.zeros_like(p.detach()))
-                self.register_buffer(self._key("v", name), torch.zeros_like(p.detach()))
+        trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        self.names = list(trainable)
+        for name, p in trainable.items():
+            self.register_buffer(self._key("m", name), torch.zeros_like(p))
+            self.register_buffer(self._key("v", name), torch.zeros_like(p))
         self.register_buffer("t", torch.zeros(()))
 
     @staticmethod
