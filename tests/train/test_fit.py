@@ -39,6 +39,33 @@ def test_resume_gives_identical_losses(clusters, tmp_path):
     assert seconds == sorted(seconds)  # training time adds up across the resume
 
 
+def test_resume_follows_a_changed_schedule(clusters, tmp_path):
+    # Extending a run with a new decay interval or base rate must not be silently ignored
+    # (StepLR's saved state holds the old step size, the optimiser's the old rate).
+    learner, sampler, opt, sched = make(clusters)
+    fit(learner, sampler, opt, 6, 2, scheduler=sched, run_dir=tmp_path, checkpoint_every=6, log_every=1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**2)  # decayed at steps 3 and 6
+    learner, sampler, opt, _ = make(clusters, lr_decay=False)
+    for group in opt.param_groups:
+        group["lr"] = 4e-2
+    sched = torch.optim.lr_scheduler.StepLR(opt, 4, 0.5)
+    resumed = fit(learner, sampler, opt, 8, 2, scheduler=sched, run_dir=tmp_path, checkpoint_every=6, log_every=1)
+    lrs = {r["step"]: r["lr"] for r in resumed.history if r.get("lr") is not None}
+    assert lrs[7] == pytest.approx(4e-2 * 0.5)  # the new schedule at step 6 (one decay by then)
+    assert opt.param_groups[0]["lr"] == pytest.approx(4e-2 * 0.5**2)  # and its decay at step 8
+    assert sched.get_last_lr() == [pytest.approx(4e-2 * 0.5**2)]
+
+
+def test_resume_without_a_schedule_takes_the_configured_rate(clusters, tmp_path):
+    learner, sampler, opt, _ = make(clusters, lr_decay=False)
+    fit(learner, sampler, opt, 4, 2, run_dir=tmp_path, checkpoint_every=4, log_every=1)
+    learner, sampler, opt, _ = make(clusters, lr_decay=False)
+    for group in opt.param_groups:
+        group["lr"] = 3e-3
+    fit(learner, sampler, opt, 6, 2, run_dir=tmp_path, checkpoint_every=4, log_every=1)
+    assert opt.param_groups[0]["lr"] == 3e-3
+
+
 class Crash(Exception):
     pass
 

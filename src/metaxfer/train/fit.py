@@ -56,6 +56,55 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Scheduler state that says where a schedule is, not what it is.
+_SCHEDULE_POSITION = ("last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial", "lr_lambdas")
+
+
+def _continue_schedule(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    configured_lrs: list[float],
+    configured: dict[str, Any] | None,
+    saved: dict[str, Any] | None,
+) -> None:
+    """Continue the learning rate at the checkpoint's step under the schedule *as configured now*.
+
+    The optimiser's saved state holds the old run's learning rate and ``StepLR``'s
+    saved state its old step size and factor, so loading them as they are would
+    silently ignore a changed ``lr``, ``lr_decay`` or ``lr_decay_every`` (e.g. a run
+    extended with a new decay interval). When the configuration is unchanged, the
+    saved state is loaded untouched (bit-identical resume); when it changed, the
+    schedule keeps only its position and the rates are set to the new schedule's
+    closed-form values at that step.
+    """
+    if scheduler is None:
+        for group, lr in zip(optimizer.param_groups, configured_lrs):
+            if group["lr"] != lr:
+                logger.info("resume: learning rate %g from the configuration replaces the checkpoint's %g", lr, group["lr"])
+                group["lr"] = lr
+        return
+    if saved is None:
+        return
+    assert configured is not None
+
+    def definition(state: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in state.items() if k not in _SCHEDULE_POSITION}
+
+    if definition(saved) == definition(configured):
+        scheduler.load_state_dict(saved)
+        return
+    logger.info("resume: the learning-rate schedule changed (%s -> %s); continuing the new one at step %d",
+                definition(saved), definition(configured), saved["last_epoch"])
+    scheduler.load_state_dict({**configured, "last_epoch": saved["last_epoch"], "_step_count": saved.get("_step_count", 1)})
+    closed_form = getattr(scheduler, "_get_closed_form_lr", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # get_lr() outside step() warns; LambdaLR's is closed-form anyway
+        lrs = closed_form() if closed_form is not None else scheduler.get_lr()
+    for group, base, lr in zip(optimizer.param_groups, scheduler.base_lrs, lrs):
+        group["initial_lr"], group["lr"] = base, lr
+    scheduler._last_lr = list(lrs)  # what get_last_lr() reports
+
+
 def forward_backward(learner: Learner, batch: Episode, tasks_per_backward: int | None = None) -> tuple[Tensor, str, dict[str, float]]:
     """``learner.loss(batch).backward()``, optionally in chunks of tasks (gradient accumulation).
 
@@ -204,9 +253,10 @@ def fit(
         if found is not None:
             directory, state = found
             load_weights(learner, directory / "model.safetensors")
+            configured_lrs = [group["lr"] for group in optimizer.param_groups]
+            configured_schedule = scheduler.state_dict() if scheduler is not None else None
             optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state.get("scheduler") is not None:
-                scheduler.load_state_dict(state["scheduler"])
+            _continue_schedule(optimizer, scheduler, configured_lrs, configured_schedule, state.get("scheduler"))
             sampler.load_state_dict(state["sampler"])  # every rank continues the same episode stream
             per_rank = state.get("rng_ranks")
             # Each rank continues its own RNG stream (dropout) when the world size is unchanged.
