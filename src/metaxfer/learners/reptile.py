@@ -281,7 +281,7 @@ class Reptile(Learner):
             target = {name: phi.mean(0) for name, phi in phis.items()}
             if self.inner_state is not None:
                 self.inner_state.set({k: {n: x.mean(0) for n, x in finals[k].items()} for k in ("m", "v")},
-                                     steps=self.inner_steps)
+                                     steps=self.inner_steps, tasks=batch.num_tasks)
         self.last_metrics = classification_metrics(outputs, batch.query_y)
         return 0.5 * sum(((live[name] - target[name]) ** 2).sum() for name in live)  # type: ignore[return-value]
 
@@ -343,17 +343,20 @@ class _AdamMoments(nn.Module):
         }
 
     @torch.no_grad()
-    def set(self, moments: dict, steps: int) -> None:
-        """Store new moments (averaged over processes when distributed) and advance ``t`` by ``steps``."""
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        for moment in ("m", "v"):
-            for name in self.names:
-                value = moments[moment][name]
-                if distributed:
-                    value = value.clone()
-                    torch.distributed.all_reduce(value)
-                    value /= torch.distributed.get_world_size()
-                getattr(self, self._key(moment, name)).copy_(value)
+    def set(self, moments: dict, steps: int, tasks: int) -> None:
+        """Store new moments and advance ``t`` by ``steps``.
+
+        ``moments`` are this process's means over its ``tasks`` tasks; under
+        torch.distributed they become the mean over every process's tasks (one
+        collective, weighted by ``tasks``), so all ranks keep the same state.
+        """
+        # Imported here: metaxfer.train imports the learners, so a module-level import would be circular.
+        from metaxfer.train.distributed import all_reduce_weighted_mean
+
+        keys = [(moment, name) for moment in ("m", "v") for name in self.names]
+        reduced = all_reduce_weighted_mean([moments[moment][name] for moment, name in keys], float(tasks))
+        for (moment, name), value in zip(keys, reduced):
+            getattr(self, self._key(moment, name)).copy_(value)
         self.t += steps
 
 

@@ -269,6 +269,40 @@ def all_reduce_grads(parameters: Iterable[nn.Parameter], share: float) -> None:
         offset += n
 
 
+def all_reduce_weighted_mean(tensors: Sequence[Tensor], weight: float) -> list[Tensor]:
+    """The mean over ranks of each tensor, weighted: ``sum_r w_r x_r / sum_r w_r``, in one collective.
+
+    For state that each rank averages over its own tasks and that must be the
+    mean over all tasks of the meta-batch, e.g. Reptile's persistent inner Adam
+    moments (``weight`` = this rank's number of tasks). All tensors travel as
+    one flat buffer with the weight appended.
+
+    Args:
+        tensors: this rank's tensors (same shapes and order on every rank).
+        weight: this rank's weight (> 0 on at least one rank).
+
+    Returns:
+        New tensors of the inputs' shapes, dtypes and devices, the same on every
+        rank; detached copies of ``tensors`` on one process.
+    """
+    if not is_distributed():
+        return [t.detach().clone() for t in tensors]
+    if not tensors:
+        return []
+    device = _comm_device()
+    dtype = tensors[0].dtype if all(t.dtype == tensors[0].dtype for t in tensors) else torch.float64
+    weight_t = torch.tensor([weight], device=device, dtype=dtype)
+    flat = torch.cat([*(t.detach().reshape(-1).to(device, dtype) * weight for t in tensors), weight_t])
+    dist.all_reduce(flat)
+    total = flat[-1]
+    out, offset = [], 0
+    for t in tensors:
+        n = t.numel()
+        out.append((flat[offset:offset + n] / total).view_as(t).to(t.device, t.dtype))
+        offset += n
+    return out
+
+
 def all_reduce_mean_metrics(loss: Tensor, metrics: dict[str, float], share: float,
                             keys: Sequence[str] = ("accuracy", "mse")) -> tuple[Tensor, dict[str, float]]:
     """The meta-batch's mean loss and metrics from every rank's mean over its own tasks.
