@@ -13,8 +13,13 @@ second order, then one Adam step on the meta-gradient.
   by 1/32. ``model`` is the same architecture (stock modules, affine
   BatchNorm) from the same initial weights.
 
-Timings alternate in one process; peak memory (VmHWM) is measured for each
-variant alone in its own subprocess. Everything runs after
+Timings alternate in one process, together with a float32 GEMM probe
+(``_common.GemmProbe``) that gives this machine's attainable FLOP rate under the
+same load; with the convolution/linear FLOPs of one meta-iteration (counted with
+module hooks) that makes a lower bound on the time of *any* float32
+implementation, and so an upper bound on the speed-up over learn2learn that one
+can reach here. Peak memory (VmHWM) is measured for each variant alone in its
+own subprocess. Everything runs after
 ``metaxfer.runtime.tune_allocator()``.
 
 Note the BatchNorm policies differ (metaxfer normalises queries with the
@@ -118,6 +123,20 @@ def build(variant: str, batch: Episode, args: argparse.Namespace) -> Callable[[]
     raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
 
 
+def meta_iteration_flops(batch: Episode, args: argparse.Namespace) -> dict[str, float]:
+    """Convolution and linear FLOPs of one metaxfer meta-iteration (per-task loop), counted with module hooks.
+
+    A lower bound on the work of every variant: the support pass's second backward (the Hessian-vector
+    product of second-order MAML) and all element-wise work are left out.
+    """
+    from metaxfer.learners.gradient import MAML
+
+    torch.manual_seed(args.seed)
+    model = Conv4(hidden=args.hidden, num_classes=args.ways, norm="batchnorm_split")
+    learner = MAML(model, inner_lr=args.inner_lr, inner_steps=args.inner_steps, first_order=False, vectorize=False)
+    return C.conv_linear_flops(model, lambda: learner.loss(batch).backward())
+
+
 def child_memory(args: argparse.Namespace) -> None:
     """One variant alone in this process: peak RSS of setup + a few meta-iterations (one JSON line)."""
     metaxfer.runtime.tune_allocator()
@@ -170,7 +189,11 @@ def main() -> None:
     batch = make_batch(args.tasks, args.ways, args.shots, args.queries, args.seed)
     steps = {v: build(v, batch, args) for v in variants}
     first_loss = {v: steps[v]() for v in variants}  # also the first warm-up iteration
-    times = C.alternate(steps, rounds=args.rounds, warmup=max(args.warmup - 1, 0))
+    flop = meta_iteration_flops(batch, args)
+    probe = C.GemmProbe()
+    times = C.alternate({**steps, **probe.steps()}, rounds=args.rounds, warmup=max(args.warmup - 1, 0))
+    gemm = probe.rates(times)
+    bound = flop["total"] / (gemm["bound_gflops"] * 1e9)
 
     base_name = variants[0]
     results: dict[str, Any] = {}
@@ -180,6 +203,7 @@ def main() -> None:
             "first_meta_loss": first_loss[v],
             f"ratio_to_{base_name}": C.summary(times[v])["median"] / C.summary(times[base_name])["median"],
             f"paired_ratio_to_{base_name}": C.paired_ratio(times[v], times[base_name]),
+            "times_flop_bound": C.summary(times[v])["median"] / bound,
         }
     if not args.no_memory:
         extra = ["--tasks", str(args.tasks), "--ways", str(args.ways), "--shots", str(args.shots), "--queries", str(args.queries),
@@ -196,10 +220,18 @@ def main() -> None:
                  "inner_steps": args.inner_steps, "order": "second", "optimizer": f"Adam(lr={args.lr})",
                  "rounds": args.rounds, "warmup": args.warmup, "seed": args.seed},
         "results": results,
+        "flop_bound": {
+            "conv_linear_gflop": flop["total"] / 1e9, "gemm": gemm, "seconds": bound,
+            # No implementation that does these convolutions in float32 can be faster than `seconds`, so this is
+            # the largest speed-up over learn2learn any such implementation can reach on this machine and load.
+            "max_speedup_over_learn2learn": (C.summary(times["learn2learn"])["median"] / bound
+                                             if "learn2learn" in times else None),
+        },
         "environment": env,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     rows = []
+    fb = record["flop_bound"]
     for v in variants:
         r = results[v]
         mem = r.get("memory", {})
@@ -211,12 +243,19 @@ def main() -> None:
             f"{r[f'paired_ratio_to_{base_name}']:.2f}x",
             f"{mem['peak_rss_mb']:.0f}" if "peak_rss_mb" in mem else mem.get("error", "-"),
             f"{mem['peak_minus_setup_mb']:.0f}" if "peak_minus_setup_mb" in mem else "-",
+            f"{r['times_flop_bound']:.1f}x",
         ])
     human = (
         f"MAML meta-iteration: {args.tasks} tasks x {args.ways}-way {args.shots}-shot {args.queries} queries/class, Conv4-{args.hidden}, "
         f"{args.inner_steps} inner step lr {args.inner_lr}, second order, Adam; {args.rounds} alternating rounds; "
         f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_model']}, load {env['loadavg_start'][0]:.1f}\n\n"
-        + C.table(rows, ["variant", "median s", "IQR s", f"vs {base_name}", "paired", "peak RSS MB", "peak - setup MB"])
+        + C.table(rows, ["variant", "median s", "IQR s", f"vs {base_name}", "paired", "peak RSS MB", "peak - setup MB",
+                         "x FLOP bound"])
+        + f"\n\nFLOP lower bound: {fb['conv_linear_gflop']:.1f} GFLOP of convolutions and linear layers (forward and first "
+        f"backward; the support pass's second backward is not counted) at {gemm['bound_gflops']:.0f} GFLOP/s "
+        f"({gemm['bound_kernel']}, measured between the steps) = {bound:.3f} s"
+        + (f"; largest possible speed-up over learn2learn: {fb['max_speedup_over_learn2learn']:.2f}x"
+           if fb["max_speedup_over_learn2learn"] else "")
     )
     C.emit(record, human, args.out)
 
