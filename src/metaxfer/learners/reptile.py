@@ -93,7 +93,7 @@ class Reptile(Learner):
           one after another) and ``t + inner_steps``; :meth:`adapt` starts
           from them without changing them (the reference restores its
           state after each evaluation task). Under ``torch.distributed``
-          the moments are averaged over processes.
+          the moments are averaged over every process's tasks (one collective).
         * Minibatches: by default each inner step uses all of the task's
           inner data. ``inner_batch_size=b`` makes each meta-training inner
           step use the next ``b`` examples of the task's support set,
