@@ -286,16 +286,24 @@ def test_presets_build_and_round_trip_through_save_and_load(preset: str, tmp_pat
                                learner.adapt(task.support_x, task.support_y)(task.query_x))
 
 
-def test_default_vectorize_picks_the_loop_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_vectorize_on_cpu_loops_over_wide_convolutions_and_vmaps_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
     batch = cluster_batch()
-    auto = MAML(BodyHead(body(), head()), inner_lr=0.3)
-    reference = MAML(auto.model, inner_lr=0.3, vectorize=False).loss(batch)
-    assert auto.vectorize is None and "vectorize=auto" in repr(auto)
+    mlp = MAML(BodyHead(body(), head()), inner_lr=0.3)
+    assert mlp.vectorize is None and "vectorize=auto" in repr(mlp)
+    conv_batch = Episode(torch.randn(2, 5, 1, 16, 16), torch.arange(5).repeat(2, 1), torch.randn(2, 5, 1, 16, 16),
+                         torch.arange(5).repeat(2, 1))
+    torch.manual_seed(0)
+    wide = MAML(Conv4(hidden=32, num_classes=5, norm="batchnorm_split", image_size=16), inner_lr=0.3)
+    want = {"mlp": MAML(mlp.model, inner_lr=0.3, vectorize=True).loss(batch),
+            "wide": MAML(wide.model, inner_lr=0.3, vectorize=False).loss(conv_batch)}
+    real_vmap, calls = torch.func.vmap, []
 
-    def no_vmap(*args: object, **kwargs: object) -> None:
-        raise AssertionError("vmap used on CPU by default")
+    def counting_vmap(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real_vmap(*args, **kwargs)
 
-    monkeypatch.setattr(torch.func, "vmap", no_vmap)
-    torch.testing.assert_close(auto.loss(batch), reference)
-    with pytest.raises(AssertionError, match="vmap used"):
-        MAML(auto.model, inner_lr=0.3, vectorize=True).loss(batch)
+    monkeypatch.setattr(torch.func, "vmap", counting_vmap)
+    torch.testing.assert_close(wide.loss(conv_batch), want["wide"])
+    assert not calls, "vmap used on CPU for a model with 32-channel convolutions"
+    torch.testing.assert_close(mlp.loss(batch), want["mlp"])
+    assert calls, "the per-task loop used on CPU for a model without convolutions"

@@ -169,10 +169,14 @@ class MAML(Learner):
             (the paper uses 3 at test time for Omniglot).
         vectorize: vectorise the meta-batch with ``torch.func.vmap`` (``True``)
             or loop over tasks (``False``, the reference implementation; same
-            result). ``None`` (default) picks by device: the loop on CPU, where
-            it measured ~1.9x faster than vmap for Conv4 MAML (channels-last
-            kernels are unavailable under vmap; docs/results.md), vmap elsewhere,
-            where one batched kernel replaces a launch per task.
+            result). ``None`` (default) picks vmap, except on CPU for a model
+            with a wide convolution (a ``Conv2d`` with >= 32 output channels):
+            there the loop keeps oneDNN's channels-last kernels, which vmap
+            cannot use (Conv4-64 MAML: loop 1.7x faster than vmap), while for
+            narrow or convolution-free models the per-task Python overhead
+            dominates and vmap wins (Conv4-8: 1.8x, the sinusoid MLP: 10x;
+            docs/results.md). Off the CPU one batched kernel replaces a launch
+            per task.
         task_chunk: with ``vectorize``, vmap over chunks of at most this many
             tasks. This bounds the transient memory of the batched kernels
             only: the activations saved for backward grow with the number of
@@ -265,6 +269,8 @@ class MAML(Learner):
             self.inner_lrs = nn.Parameter(rates)
         self.last_metrics: dict[str, float] = {}
         self._checked_ways: set[int] = set()
+        # For vectorize=None on CPU (see Args): wide convolutions run faster per task, in channels-last layout.
+        self._wide_convolution = any(isinstance(m, nn.Conv2d) and m.out_channels >= 32 for m in model.modules())
 
     def _select_adapted(self, adapt: Sequence[str] | None) -> list[str]:
         """Names of the parameters the inner loop adapts (validated; see ``adapt``)."""
@@ -391,7 +397,8 @@ class MAML(Learner):
         self._check_outputs(batch)
         params, fixed = self._split_params(detach=False)
         lr = self._inner_lr(detach=False)
-        vectorize = self.vectorize if self.vectorize is not None else batch.support_x.device.type != "cpu"
+        vectorize = self.vectorize if self.vectorize is not None else (
+            batch.support_x.device.type != "cpu" or not self._wide_convolution)
         if vectorize:
             task_fn = torch.func.vmap(
                 self._task_loss,
