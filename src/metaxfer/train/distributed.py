@@ -250,23 +250,17 @@ def all_reduce_grads(parameters: Iterable[nn.Parameter], share: float) -> None:
     params = [p for p in parameters if p.requires_grad]
     if not params:
         return
-    device = _comm_device()
-    dtype = params[0].dtype if all(p.dtype == params[0].dtype for p in params) else torch.float64
-    pieces = [(p.grad.detach().reshape(-1) * share).to(device, dtype) if p.grad is not None
-              else torch.zeros(p.numel(), device=device, dtype=dtype) for p in params]
-    present = torch.tensor([p.grad is not None for p in params], device=device, dtype=dtype)
-    flat = torch.cat([*pieces, present])
-    dist.all_reduce(flat)
-    offset = 0
-    for p, flag in zip(params, flat[-len(params):].tolist()):
-        n = p.numel()
+    dtype = _wire_dtype(params)
+    pieces = [p.grad.detach() * share if p.grad is not None else torch.zeros(p.numel(), dtype=dtype) for p in params]
+    present = torch.tensor([p.grad is not None for p in params], dtype=dtype)
+    *sums, flags = _sum_over_ranks([*pieces, present], dtype)
+    for p, flag, summed in zip(params, flags.tolist(), sums):
         if flag > 0:
-            reduced = flat[offset:offset + n].view_as(p).to(p.device, p.dtype)
+            reduced = summed.view_as(p).to(p.device, p.dtype)
             if p.grad is None:
                 p.grad = reduced.clone()
             else:
                 p.grad.copy_(reduced)
-        offset += n
 
 
 def all_reduce_weighted_mean(tensors: Sequence[Tensor], weight: float) -> list[Tensor]:
@@ -289,18 +283,22 @@ def all_reduce_weighted_mean(tensors: Sequence[Tensor], weight: float) -> list[T
         return [t.detach().clone() for t in tensors]
     if not tensors:
         return []
-    device = _comm_device()
-    dtype = tensors[0].dtype if all(t.dtype == tensors[0].dtype for t in tensors) else torch.float64
-    weight_t = torch.tensor([weight], device=device, dtype=dtype)
-    flat = torch.cat([*(t.detach().reshape(-1).to(device, dtype) * weight for t in tensors), weight_t])
+    dtype = _wire_dtype(tensors)
+    *sums, total = _sum_over_ranks([*(t.detach().to(dtype) * weight for t in tensors),
+                                    torch.tensor([weight], dtype=dtype)], dtype)
+    return [(summed / total).view_as(t).to(t.device, t.dtype) for summed, t in zip(sums, tensors)]
+
+
+def _wire_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The tensors' common dtype, or float64 when they differ (one flat buffer has one dtype)."""
+    return tensors[0].dtype if all(t.dtype == tensors[0].dtype for t in tensors) else torch.float64
+
+
+def _sum_over_ranks(pieces: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Each tensor's sum over ranks, all in one collective: flat ``[numel]`` tensors on the communication device."""
+    flat = torch.cat([p.detach().reshape(-1).to(_comm_device(), dtype) for p in pieces])
     dist.all_reduce(flat)
-    total = flat[-1]
-    out, offset = [], 0
-    for t in tensors:
-        n = t.numel()
-        out.append((flat[offset:offset + n] / total).view_as(t).to(t.device, t.dtype))
-        offset += n
-    return out
+    return list(flat.split([p.numel() for p in pieces]))
 
 
 def all_reduce_mean_metrics(loss: Tensor, metrics: dict[str, float], share: float,
