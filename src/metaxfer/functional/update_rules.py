@@ -27,7 +27,7 @@ from torch import Tensor
 from metaxfer.errors import ConfigError
 from metaxfer.functional.inner_loop import Params
 
-__all__ = ["AdamUpdate", "log_sign_preprocess"]
+__all__ = ["AdamUpdate", "flatten_params", "log_sign_preprocess", "unflatten_params"]
 
 
 class AdamUpdate:
@@ -76,13 +76,13 @@ class AdamUpdate:
         # Reptile's inner loop (Conv4, 5 images) spent more time in these small per-tensor ops than in its
         # convolutions. The moment updates are torch.optim.Adam's (lerp, then addcmul).
         names = list(params)
-        g = _flatten(grads, names)
-        m = torch.lerp(_flatten(state["m"], names), g, 1 - b1)
-        v = torch.addcmul(_flatten(state["v"], names) * b2, g, g, value=1 - b2)
+        g = flatten_params(grads, names)
+        m = torch.lerp(flatten_params(state["m"], names), g, 1 - b1)
+        v = torch.addcmul(flatten_params(state["v"], names) * b2, g, g, value=1 - b2)
         c1, c2 = 1 - torch.pow(b1, t), 1 - torch.pow(b2, t)
-        delta = _unflatten((m / c1) / (torch.sqrt(v / c2) + self.eps) * self.lr, params, names)
+        delta = unflatten_params((m / c1) / (torch.sqrt(v / c2) + self.eps) * self.lr, params, names)
         new = {k: params[k] - delta[k] for k in names}
-        return new, {"m": _unflatten(m, params, names), "v": _unflatten(v, params, names), "t": t}
+        return new, {"m": unflatten_params(m, params, names), "v": unflatten_params(v, params, names), "t": t}
 
     @staticmethod
     def initial_state(params: Params) -> dict[str, Any]:
@@ -96,12 +96,16 @@ class AdamUpdate:
         return f"AdamUpdate(lr={self.lr}, betas={self.betas}, eps={self.eps})"
 
 
-def _flatten(tensors: Params, names: list[str]) -> Tensor:
-    """The tensors named by ``names``, flattened and concatenated in that order ``[sum of numels]``."""
+def flatten_params(tensors: Params, names: list[str]) -> Tensor:
+    """The tensors named by ``names``, flattened and concatenated in that order ``[sum of numels]``.
+
+    Update rules that work coordinate-wise run on this one vector (Adam's moments, the LSTM meta-learner's
+    cell state) instead of one small kernel per parameter tensor.
+    """
     return torch.cat([tensors[k].reshape(-1) for k in names])
 
 
-def _unflatten(flat: Tensor, like: Params, names: list[str]) -> Params:
+def unflatten_params(flat: Tensor, like: Params, names: list[str]) -> Params:
     """Split ``flat`` back into tensors shaped like ``like[k]`` for ``k`` in ``names`` (views of ``flat``)."""
     pieces = torch.split(flat, [like[k].numel() for k in names])
     return {k: piece.view_as(like[k]) for k, piece in zip(names, pieces)}

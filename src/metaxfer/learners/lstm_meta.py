@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from metaxfer.errors import ConfigError
 from metaxfer.functional.inner_loop import Params, inner_loop
-from metaxfer.functional.update_rules import log_sign_preprocess
+from metaxfer.functional.update_rules import flatten_params, log_sign_preprocess, unflatten_params
 from metaxfer.learners._tasks import (
     check_steps,
     classification_metrics,
@@ -140,9 +140,9 @@ class MetaLSTMUpdate(nn.Module):
     def forward(self, params: Params, grads: Params, loss: Tensor, step: int, state: Any) -> tuple[Params, MetaLSTMState]:
         """One learned update of ``params`` (see the class docstring)."""
         names = list(params)
-        theta = torch.cat([params[k].reshape(-1) for k in names])
+        theta = flatten_params(params, names)
         # Detached: the paper ignores the second derivatives through the learner's gradient and loss.
-        grad = torch.cat([grads[k].reshape(-1) for k in names]).detach()
+        grad = flatten_params(grads, names).detach()
         n = theta.shape[0]
         if state is None:
             zeros = theta.new_zeros(n, self.hidden)
@@ -152,12 +152,7 @@ class MetaLSTMUpdate(nn.Module):
         h, cell = self._lstm(x, state.h, state.cell)
         f, i = self.gates(h, theta, state)
         theta = f * theta - i * grad
-        out, offset = {}, 0
-        for k in names:
-            size = params[k].numel()
-            out[k] = theta[offset:offset + size].view_as(params[k])
-            offset += size
-        return out, MetaLSTMState(h, cell, f, i)
+        return unflatten_params(theta, params, names), MetaLSTMState(h, cell, f, i)
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, p={self.p}"
