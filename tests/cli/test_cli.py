@@ -78,3 +78,35 @@ def test_eval_inner_steps_override(tmp_path, capsys):
     assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(proto), *CLUSTERS]) == 0
     assert main(["eval", "--checkpoint", str(proto), "--inner-steps", "3"]) == 2
     assert "no inner loop" in capsys.readouterr().err
+
+
+def test_resume_from_run_dir_keeps_saved_config_and_warns_on_changes(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(run), "--no-test", *CLUSTERS]) == 0
+    capsys.readouterr()
+    # Without --config the saved configuration (here: the overrides above) is continued, to a new step count.
+    assert main(["train", "--run-dir", str(run), "--no-test", "train.steps=9"]) == 0
+    cap = capsys.readouterr()
+    assert "warning" not in cap.err
+    saved = json.loads((run / "run_config.json").read_text())
+    assert saved["data"]["dataset"] == "clusters" and saved["train"]["steps"] == 9
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 9 and steps.count(6) == 1  # continued from the step-6 checkpoint, not retrained
+    # Resuming with the preset drops the saved overrides: each difference is named, and the way to keep them.
+    assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(run), "--no-test",
+                 *[a for a in CLUSTERS if not a.startswith("train.queries")], "train.queries=4", "train.steps=10"]) == 0
+    err = capsys.readouterr().err
+    assert "train.queries: 3 -> 4" in err and "train.steps: 9 -> 10" in err
+    assert f"metaxfer train --run-dir {run}" in err
+
+
+def test_train_without_config_needs_a_saved_run(tmp_path, capsys):
+    assert main(["train"]) == 2
+    assert "give --config" in capsys.readouterr().err
+    assert main(["train", "--run-dir", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "run_config.json does not exist" in err and "give --config" in err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "run_config.json").write_text("{not json")
+    assert main(["train", "--run-dir", str(tmp_path / "bad")]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err

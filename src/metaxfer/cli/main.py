@@ -34,6 +34,66 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.teardown()
 
 
+RUN_CONFIG_FILE = "run_config.json"
+
+
+def _run_config(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The configuration and run directory of ``metaxfer train``.
+
+    With ``--config`` the preset (plus overrides) is the configuration. Without it, ``--run-dir`` must
+    hold a previous run: its saved ``run_config.json`` (plus overrides) is the configuration, so a run is
+    extended with exactly the settings it was trained with, e.g. ``metaxfer train --run-dir D train.steps=N``.
+
+    Raises:
+        ConfigError: neither ``--config`` nor a run directory with a saved configuration was given.
+    """
+    from metaxfer.config import apply_overrides, config_from_dict, load_config
+
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+        return cfg, Path(args.run_dir or cfg.run_dir or Path("runs") / cfg.name)
+    if not args.run_dir:
+        raise ConfigError("give --config (a preset, see `metaxfer configs`, or a YAML file), or --run-dir of an "
+                          "earlier run to continue it with its saved configuration")
+    saved = Path(args.run_dir) / RUN_CONFIG_FILE
+    if not saved.is_file():
+        raise ConfigError(f"{saved} does not exist, so there is no saved configuration to continue; give --config "
+                          "(a preset, see `metaxfer configs`, or a YAML file) to start a run there")
+    try:
+        data = json.loads(saved.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{saved} is not valid JSON ({e}); give --config to start afresh") from None
+    return config_from_dict(apply_overrides(data, list(args.overrides))), Path(args.run_dir)
+
+
+def _config_changes(old: Any, new: Any, where: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two nested config dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new))
+                for c in _config_changes(old.get(k), new.get(k), f"{where}.{k}" if where else k)]
+    return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
+
+
+def _warn_if_config_changed(run_dir: Path, cfg: Any) -> None:
+    """Say which settings differ when ``--config`` resumes a run saved with other ones.
+
+    A preset's defaults silently replacing a run's overrides (say its meta-batch size) would change
+    the run being extended; the warning names each difference and the command that keeps them.
+    """
+    saved = run_dir / RUN_CONFIG_FILE
+    if not saved.is_file() or not (run_dir / "checkpoints").is_dir():
+        return
+    try:
+        before = json.loads(saved.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return
+    changes = [c for c in _config_changes(before, cfg.to_dict()) if not c.startswith("run_dir:")]
+    if changes:
+        print(f"metaxfer train: warning: resuming {run_dir} with settings that differ from its saved "
+              f"{RUN_CONFIG_FILE}: {'; '.join(changes)}. To continue with the saved ones, leave out --config: "
+              f"metaxfer train --run-dir {run_dir} [section.key=value ...]", file=sys.stderr, flush=True)
+
+
 def _train_and_test(args: argparse.Namespace) -> int:
     import os
 
@@ -46,17 +106,17 @@ def _train_and_test(args: argparse.Namespace) -> int:
         build_sampler,
         build_scheduler,
     )
-    from metaxfer.config import load_config
     from metaxfer.evaluate import evaluate
     from metaxfer.hub import WEIGHTS_FILE, load, load_weights, resolve
     from metaxfer.runtime import freeze_gc, tune_allocator
     from metaxfer.train import distributed, fit
 
     tune_allocator()
-    cfg = load_config(args.config, args.overrides)
+    cfg, run_dir = _run_config(args)
     device = distributed.setup(cfg.device)  # joins the process group under torchrun (cuda -> cuda:LOCAL_RANK)
     main = distributed.is_main()
-    run_dir = Path(args.run_dir or cfg.run_dir or Path("runs") / cfg.name)
+    if main and args.config and not args.restart:
+        _warn_if_config_changed(run_dir, cfg)
     t, e = cfg.train, cfg.eval
     torch.manual_seed(t.seed)
     # A class dataset is wrapped in an EpisodeSampler; a task distribution (sinusoid) samples its own episodes;
@@ -82,10 +142,10 @@ def _train_and_test(args: argparse.Namespace) -> int:
     scheduler = build_scheduler(optimizer, t)
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
-        atomic_write_json(run_dir / "run_config.json", cfg.to_dict())
+        atomic_write_json(run_dir / RUN_CONFIG_FILE, cfg.to_dict())
     freeze_gc()  # the model, data and optimiser live for the whole run: keep them out of GC passes
-    command = ("metaxfer train --config " + args.config + (f" --init {args.init}" if args.init else "")
-               + "".join(f" {o}" for o in args.overrides))
+    command = ("metaxfer train " + (f"--config {args.config}" if args.config else f"--run-dir {run_dir}")
+               + (f" --init {args.init}" if args.init else "") + "".join(f" {o}" for o in args.overrides))
     extra = {"run_config": cfg.to_dict(), "command": command, "processes": distributed.world_size(),
              "data": train_set.describe() if hasattr(train_set, "describe") else None}
     # A worker restarted by torchrun (--max-restarts) continues from the checkpoints even with --restart:
@@ -175,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a preset: metaxfer train --config omniglot/protonet_5w1s [train.steps=100 ...]")
-    p.add_argument("--config", required=True, help="preset name (see `metaxfer configs`) or YAML path")
+    p.add_argument("--config", help="preset name (see `metaxfer configs`) or YAML path; without it, --run-dir "
+                   "names an earlier run, continued with its saved run_config.json")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100 data.root=/data")
     p.add_argument("--run-dir", help="where checkpoints and metrics go (default: runs/<name>)")
     p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in the run directory")
