@@ -393,8 +393,8 @@ class RunningStatsSync:
         """Recombine the ranks' statistics (same result on every rank)."""
         if not is_distributed() or not self.layers:
             return
-        w, r, device = world_size(), rank(), _comm_device()
-        counts = torch.zeros(w, len(self.layers), dtype=torch.float64, device=device)
+        w, r = world_size(), rank()
+        counts = torch.zeros(w, len(self.layers), dtype=torch.float64, device=_comm_device())
         counts[r] = torch.tensor([int(m.num_batches_tracked) - n0 for m, (_, _, n0) in zip(self.layers, self._before)],
                                  dtype=torch.float64)
         dist.all_reduce(counts)
@@ -416,15 +416,10 @@ class RunningStatsSync:
                          for now, old in ((m.running_mean, mean0), (m.running_var, var0))]
             contributions += parts
             finals.append((m, mean0, var0, n0, total, scale_r0))
-        flat = torch.cat([p.reshape(-1) for p in contributions]).to(device)
-        dist.all_reduce(flat)
-        flat = flat.cpu()
-        offset = 0
+        sums = iter(_sum_over_ranks(contributions, torch.float64))
         for m, mean0, var0, n0, total, scale_r0 in finals:
             with torch.no_grad():
                 for stat, old in ((m.running_mean, mean0), (m.running_var, var0)):
-                    k = stat.numel()
-                    merged = scale_r0 * old.double().cpu() + flat[offset:offset + k].view_as(old)
+                    merged = scale_r0 * old.double() + next(sums).to(old.device).view_as(old)
                     stat.copy_(merged.to(stat.device, stat.dtype))
-                    offset += k
                 m.num_batches_tracked.fill_(n0 + int(total))
