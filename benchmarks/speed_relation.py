@@ -14,6 +14,9 @@ Run (after ``bash benchmarks/setup_peers.sh``):
     .venv-bench/bin/python benchmarks/speed_relation.py --rounds 20
     .venv-bench/bin/python benchmarks/speed_relation.py --rounds 20 --memory --out bench-out/relation.json
 
+``metaxfer-pairs`` is metaxfer's learner with the relation module run on every concatenated
+(class, query) pair, the paper's literal form, instead of the factored first convolution.
+
 Prints a table, then the JSON record as the last line.
 """
 
@@ -41,7 +44,20 @@ from metaxfer.backbones import create
 from metaxfer.learners.registry import create_learner
 from metaxfer.tasks import Episode
 
-VARIANTS = ("metaxfer", "easyfsl")
+VARIANTS = ("metaxfer", "metaxfer-pairs", "easyfsl")
+
+
+def concatenated_pairs(module: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The relation module scoring every concatenated (class, query) pair, as the paper draws it (and as
+    metaxfer did before its first convolution was factored): the ablation of that factoring."""
+
+    def forward(classes: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        q, ways = query.shape[0], classes.shape[0]
+        pairs = torch.cat([classes.unsqueeze(0).expand(q, *classes.shape),
+                           query.unsqueeze(1).expand(q, ways, *query.shape[1:])], 2)
+        return module.pairs(pairs.flatten(0, 1)).view(q, ways)
+
+    return forward
 
 
 def make_episode(ways: int, shots: int, queries: int, seed: int) -> Episode:
@@ -60,8 +76,10 @@ def build(variant: str, episode: Episode, args: argparse.Namespace) -> Callable[
     reference = create("relation_conv4", in_channels=1)
     ways = args.ways
 
-    if variant == "metaxfer":
+    if variant in ("metaxfer", "metaxfer-pairs"):
         learner = create_learner("relation", reference, loss="mse")
+        if variant == "metaxfer-pairs":
+            learner.relation.forward = concatenated_pairs(learner.relation)
         opt = torch.optim.Adam(learner.parameters(), args.lr)
 
         def step() -> float:

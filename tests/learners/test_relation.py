@@ -1,5 +1,7 @@
 """Relation Networks: the paper's architecture, shape errors, contract, learning, losses."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ import metaxfer
 from metaxfer.backbones.relation_conv4 import RelationConv4
 from metaxfer.data.synthetic import ClusterImages
 from metaxfer.errors import ConfigError, EpisodeError
-from metaxfer.learners.relation import RelationNet, class_features
+from metaxfer.learners.relation import RelationModule, RelationNet, class_features
 from metaxfer.tasks import EpisodeSampler
 
 
@@ -26,17 +28,77 @@ def test_paper_architecture_on_omniglot_size():
     emb = RelationConv4(in_channels=1)
     assert emb(torch.zeros(2, 1, 28, 28)).shape == (2, 64, 5, 5) and emb.feature_shape == (64, 5, 5)
     pools = [m for m in emb.modules() if isinstance(m, torch.nn.MaxPool2d)]
-    assert len(pools) == 2 and all(isinstance(b[-1], torch.nn.MaxPool2d) for b in emb.features[:2])
+    assert len(pools) == 2 and all(isinstance(b[2], torch.nn.MaxPool2d) for b in emb.features[:2])
+    # The paper's state_dict keys (conv = .0, BatchNorm = .1 of each block), whatever order ReLU and pool run in.
+    assert sorted({k.rsplit(".", 1)[0] for k in emb.state_dict()}) == [f"features.{i}.{j}" for i in range(4) for j in (0, 1)]
     learner = RelationNet(emb)
     convs = [m for m in learner.relation.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.in_channels for c in convs] == [128, 64]  # concatenated (class, query) maps
     assert [(m.in_features, m.out_features) for m in learner.relation.fc if isinstance(m, torch.nn.Linear)] == [(64, 8), (8, 1)]
 
 
+def test_fast_embedding_and_relation_module_equal_the_papers_layer_order():
+    """Pool before ReLU, channels-last activations and the bias added after the first convolution: the same
+    outputs and parameter gradients as plain nn layers in the paper's order (conv, BatchNorm, ReLU, pool)."""
+    torch.manual_seed(0)
+    learner = RelationNet(RelationConv4(in_channels=1, hidden=8), hidden=8, fc_hidden=4).double().train()
+
+    def papers_order(seq: torch.nn.Sequential) -> torch.nn.Sequential:
+        layers, convs = [], [m for m in seq if isinstance(m, torch.nn.Conv2d)]
+        for conv, bn, pools in zip(convs, [m for m in seq if isinstance(m, torch.nn.BatchNorm2d)],
+                                   [isinstance(seq[i + 2], torch.nn.MaxPool2d) for i, m in enumerate(seq) if m in convs]):
+            plain = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=conv.padding).double()
+            plain.load_state_dict(conv.state_dict())
+            layers += [plain, copy.deepcopy(bn), torch.nn.ReLU()] + ([torch.nn.MaxPool2d(2)] if pools else [])
+        return torch.nn.Sequential(*layers)
+
+    embedding = torch.nn.Sequential(*[papers_order(b) for b in learner.backbone.features])
+    blocks = papers_order(learner.relation.blocks)
+    x = torch.randn(9, 1, 28, 28, dtype=torch.float64)
+    z, z_ref = learner.backbone(x), embedding(x)
+    torch.testing.assert_close(z, z_ref, rtol=1e-10, atol=1e-10)
+    classes, query = z[:4], z[4:]
+    logits = learner.relation(classes, query)
+    pairs = torch.cat([z_ref[:4].unsqueeze(0).expand(5, 4, 8, 5, 5), z_ref[4:].unsqueeze(1).expand(5, 4, 8, 5, 5)], 2)
+    ref = learner.relation.fc(blocks(pairs.flatten(0, 1)).flatten(1)).view(5, 4)
+    torch.testing.assert_close(logits, ref, rtol=1e-10, atol=1e-10)
+    ours = torch.autograd.grad(logits.square().sum(), [p for n, p in learner.named_parameters() if "fc" not in n])
+    theirs = torch.autograd.grad(ref.square().sum(), [*embedding.parameters(), *blocks.parameters()])
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 def test_class_features_sum_over_shots():
     z = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 2, 1, 1)
     c = class_features(z, torch.tensor([1, 0, 1, 0]), 2)
     assert torch.equal(c[:, 0, 0, 0], torch.tensor([1.0 + 3.0, 0.0 + 2.0]))
+
+
+@pytest.mark.parametrize("padding", [1, 0])
+def test_factored_first_conv_equals_the_concatenated_pairs(padding):
+    """forward() adds per-class and per-query convolutions; pairs() convolves each concatenated pair: same logits,
+    same gradients, same BatchNorm running statistics (the batch is the same set of pairs, in the same order)."""
+    torch.manual_seed(0)
+    size = 5 if padding == 1 else 12
+    module = RelationModule((6, size, size), hidden=8, fc_hidden=4, padding=padding).double().train()
+    twin = copy.deepcopy(module)
+    classes = torch.randn(4, 6, size, size, dtype=torch.float64, requires_grad=True)
+    query = torch.randn(7, 6, size, size, dtype=torch.float64, requires_grad=True)
+    logits = module(classes, query)
+    q, ways = query.shape[0], classes.shape[0]
+    pairs = torch.cat([classes.unsqueeze(0).expand(q, ways, 6, size, size),
+                       query.unsqueeze(1).expand(q, ways, 6, size, size)], 2).flatten(0, 1)
+    reference = twin.pairs(pairs).view(q, ways)
+    assert logits.shape == (7, 4)
+    torch.testing.assert_close(logits, reference, rtol=1e-10, atol=1e-10)
+    target = torch.rand(7, 4, dtype=torch.float64)
+    grads = torch.autograd.grad(((logits - target) ** 2).sum(), [classes, query, *module.parameters()])
+    ref_grads = torch.autograd.grad(((reference - target) ** 2).sum(), [classes, query, *twin.parameters()])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+    for a, b in zip(module.buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_relation_module_shape_error_names_both_shapes():
