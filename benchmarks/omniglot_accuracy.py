@@ -9,12 +9,14 @@ Writes one JSON record with, per (ways, shots): mean ± 95% CI over 600 fixed ep
 (seed 0, 15 queries per class), the episode fingerprint, the checkpoint's step, and the
 wall-clock time at which validation accuracy first reached --target (from metrics.jsonl).
 --transductive normalises each episode's queries with their own BatchNorm batch statistics
-(the "transduction" rows of the MAML and Reptile papers) instead of the support statistics.
+(the "transduction" rows of the MAML and Reptile papers) instead of the support statistics;
+for Relation Networks, support and queries together, as in training (the authors' test code).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
@@ -45,14 +47,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", type=float, default=97.0, help="validation accuracy for time-to-accuracy")
     parser.add_argument("--transductive", action="store_true",
-                        help="BatchNorm on the query batch's own statistics (gradient-based learners)")
+                        help="BatchNorm on the query batch's own statistics (gradient-based learners, Relation Networks)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     tune_allocator()
     run_dir = Path(args.run_dir)
     learner = load(run_dir)
     if args.transductive:
-        if not hasattr(learner, "transductive"):
+        # Every learner has the class attribute; only those whose constructor takes it act on it.
+        if "transductive" not in inspect.signature(type(learner)).parameters:
             raise SystemExit(f"--transductive: {type(learner).__name__} has no BatchNorm policy to change")
         learner.transductive = True
     cfg = config_from_dict(learner.card["run_config"])

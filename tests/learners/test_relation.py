@@ -131,6 +131,28 @@ def test_shapes_batched_and_adapt_not_transductive(clusters28):
     assert learner.training and all(torch.equal(before[k], v) for k, v in learner.state_dict().items())
 
 
+def test_transductive_prediction_is_the_training_computation(clusters28):
+    """transductive=True: the logits of a training episode (batch statistics of support and query together),
+    no buffer written, and a query's logits depend on the other queries (they do not without the flag)."""
+    torch.manual_seed(0)
+    learner = small()
+    learner.loss(EpisodeSampler(clusters28, 5, 1, 3, seed=1).sample_batch(2))  # running statistics away from 0/1
+    learner.transductive = True
+    learner.eval()
+    ep = EpisodeSampler(clusters28, 5, 1, 3, seed=0).sample()
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    predict = learner.adapt(ep.support_x, ep.support_y)
+    logits = predict(ep.query_x)
+    assert all(torch.equal(before[k], v) for k, v in learner.state_dict().items()) and not learner.training
+    reference = copy.deepcopy(learner).train()
+    torch.testing.assert_close(logits, reference.task_logits(ep.support_x, ep.support_y, ep.query_x, 5))
+    assert not torch.allclose(predict(ep.query_x[:4]), logits[:4], atol=1e-4)
+    learner.transductive = False
+    inductive = learner.adapt(ep.support_x, ep.support_y)
+    assert not torch.allclose(inductive(ep.query_x), logits, atol=1e-4)
+    torch.testing.assert_close(inductive(ep.query_x[:4]), inductive(ep.query_x)[:4])
+
+
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 def test_losses_and_gradients_reach_backbone(clusters28, loss):
     learner = RelationNet(RelationConv4(in_channels=1, hidden=8), hidden=8, fc_hidden=4, loss=loss)

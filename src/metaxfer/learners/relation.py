@@ -11,12 +11,13 @@ from torch import Tensor, nn
 # Importing the module also registers the "relation_conv4" backbone (the paper's embedding) wherever learners load.
 from metaxfer.backbones.relation_conv4 import relation_init
 from metaxfer.errors import ConfigError
+from metaxfer.functional.inner_loop import without_running_stats
 from metaxfer.learners.base import Learner
 from metaxfer.learners.registry import register_learner
 from metaxfer.learners.support import EvalModule, check_support_classes, episode_ways
 from metaxfer.tasks.episode import Episode
 
-__all__ = ["RelationModule", "RelationNet", "RelationPredictor", "relation"]
+__all__ = ["RelationModule", "RelationNet", "RelationPredictor", "TransductiveRelationPredictor", "relation"]
 
 LOSSES = ("mse", "cross_entropy")
 
@@ -114,6 +115,40 @@ class RelationPredictor:
         return self.module(self.classes, self.backbone(query_x))
 
 
+def _batch_stats_call(module: nn.Module, *args: Tensor) -> Tensor:
+    """``module(*args)`` with every BatchNorm on the batch's own statistics; running statistics neither read nor written."""
+    params = dict(module.named_parameters())
+    return torch.func.functional_call(module, (params, without_running_stats(module)), args, strict=False)
+
+
+class TransductiveRelationPredictor:
+    """Relation logits with BatchNorm on the episode's own statistics, as in training.
+
+    Each call embeds the task's support set together with the given queries
+    and normalises every BatchNorm layer of both modules with that batch's
+    statistics (running statistics untouched), exactly the computation of a
+    training episode. A query's logits therefore depend on the other queries
+    of the call (transductive); the reference code of Sung et al. tests this
+    way (its modules are never put in eval mode).
+    """
+
+    transductive = True
+
+    def __init__(self, learner: RelationNet, support_x: Tensor, support_y: Tensor, ways: int) -> None:
+        self.learner = learner
+        self.support_x = support_x.detach().clone()
+        self.support_y = support_y.detach().clone()
+        self.ways = ways
+
+    @torch.no_grad()
+    def __call__(self, query_x: Tensor) -> Tensor:
+        """``query_x [Q, *x_shape] -> logits [Q, ways]``."""
+        s = self.support_x.shape[0]
+        z = _batch_stats_call(self.learner.backbone, torch.cat([self.support_x, query_x]))
+        self.learner._check_maps(z)
+        return _batch_stats_call(self.learner.relation, class_features(z[:s], self.support_y, self.ways), z[s:])
+
+
 class RelationNet(Learner):
     """Relation Networks (Sung et al., "Learning to Compare: Relation Network for Few-Shot Learning", CVPR 2018).
 
@@ -122,8 +157,8 @@ class RelationNet(Learner):
     (class, query) pair, concatenated along channels, with a sigmoid relation
     score. Trained by regressing the scores to the one-hot match (``loss="mse"``,
     the paper's eq. 3), or optionally with softmax cross-entropy over the
-    pre-sigmoid relation logits (``loss="cross_entropy"``). Not transductive;
-    no inner-loop gradients (``order = None``).
+    pre-sigmoid relation logits (``loss="cross_entropy"``). No inner-loop
+    gradients (``order = None``).
 
     Args:
         backbone: the embedding module, ``[N, *x_shape] -> [N, C, H, W]``
@@ -134,6 +169,9 @@ class RelationNet(Learner):
         fc_hidden: relation module hidden units (8).
         padding: relation module conv padding (1 on Omniglot).
         loss: ``"mse"`` (paper) or ``"cross_entropy"``.
+        transductive: predict with BatchNorm on the statistics of the support
+            and query batch together, as in training (the reference code's
+            test); default False: running statistics, each query independent.
 
     Shapes:
         ``loss(batch)``: ``support_x [T, ways*shots, *x_shape]``, ``query_x [T, ways*queries, *x_shape]``.
@@ -141,7 +179,8 @@ class RelationNet(Learner):
 
     BatchNorm: training normalises each task's embeddings (support and query
     together) and each task's relation pairs with their batch statistics;
-    ``adapt`` and the predictor use running statistics (``eval()`` mode).
+    ``adapt`` and the predictor use running statistics (``eval()`` mode)
+    unless ``transductive``.
 
     Raises:
         ConfigError: an unknown ``loss``, no known ``feature_shape``, or an
@@ -156,8 +195,9 @@ class RelationNet(Learner):
     """
 
     def __init__(self, backbone: nn.Module, feature_shape: Sequence[int] | None = None, hidden: int = 64,
-                 fc_hidden: int = 8, padding: int = 1, loss: str = "mse") -> None:
+                 fc_hidden: int = 8, padding: int = 1, loss: str = "mse", transductive: bool = False) -> None:
         super().__init__()
+        self.transductive = bool(transductive)
         if loss not in LOSSES:
             raise ConfigError(f"unknown loss {loss!r} for the Relation Network; choose one of {list(LOSSES)}")
         if feature_shape is None:
@@ -208,9 +248,11 @@ class RelationNet(Learner):
         return self.objective(logits, batch.query_y)
 
     @torch.no_grad()
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> RelationPredictor:
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> RelationPredictor | TransductiveRelationPredictor:
         """Sum one task's support feature maps per class (no parameters change)."""
         ways = check_support_classes(support_y)
+        if self.transductive:
+            return TransductiveRelationPredictor(self, support_x, support_y, ways)
         z = EvalModule(self.backbone)(support_x)
         self._check_maps(z)
         return RelationPredictor(self.backbone, self.relation, class_features(z, support_y, ways))
@@ -218,7 +260,7 @@ class RelationNet(Learner):
 
 @register_learner("relation")
 def relation(backbone: nn.Module, feature_shape: Sequence[int] | None = None, hidden: int = 64, fc_hidden: int = 8,
-             padding: int = 1, loss: str = "mse") -> RelationNet:
+             padding: int = 1, loss: str = "mse", transductive: bool = False) -> RelationNet:
     """Relation Network around the embedding ``backbone`` (see :class:`RelationNet`)."""
-    return RelationNet(backbone, feature_shape, hidden, fc_hidden, padding, loss)
+    return RelationNet(backbone, feature_shape, hidden, fc_hidden, padding, loss, transductive)
 
