@@ -16,7 +16,6 @@ for Relation Networks, support and queries together, as in training (the authors
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import _common as C
 
 from metaxfer.build import build_dataset
 from metaxfer.config import config_from_dict
+from metaxfer.errors import ConfigError
 from metaxfer.evaluate import evaluate
 from metaxfer.hub import load
 from metaxfer.runtime import tune_allocator
@@ -54,10 +54,10 @@ def main() -> None:
     run_dir = Path(args.run_dir)
     learner = load(run_dir)
     if args.transductive:
-        # Every learner has the class attribute; only those whose constructor takes it act on it.
-        if "transductive" not in inspect.signature(type(learner)).parameters:
-            raise SystemExit(f"--transductive: {type(learner).__name__} has no BatchNorm policy to change")
-        learner.transductive = True
+        try:
+            learner.set_transductive(True)
+        except ConfigError as e:
+            raise SystemExit(f"--transductive: {e}") from None
     cfg = config_from_dict(learner.card["run_config"])
     test_set = build_dataset(cfg.data, cfg.data.test_split)
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]

@@ -78,6 +78,12 @@ def test_eval_inner_steps_override(tmp_path, capsys):
     assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(proto), *CLUSTERS]) == 0
     assert main(["eval", "--checkpoint", str(proto), "--inner-steps", "3"]) == 2
     assert "no inner loop" in capsys.readouterr().err
+    # --transductive: the query batch's own BatchNorm statistics, recorded in the result; refused where meaningless.
+    assert main(["eval", "--checkpoint", str(run), "--episodes", "6", "--queries", "2", "--json", "--transductive"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["transductive"] is True and record["n"] == 6
+    assert main(["eval", "--checkpoint", str(proto), "--transductive"]) == 2
+    assert "ProtoNet has no transductive mode" in capsys.readouterr().err
 
 
 def test_resume_from_run_dir_keeps_saved_config_and_warns_on_changes(tmp_path, capsys):

@@ -307,3 +307,21 @@ def test_default_vectorize_on_cpu_loops_over_wide_convolutions_and_vmaps_the_res
     assert not calls, "vmap used on CPU for a model with 32-channel convolutions"
     torch.testing.assert_close(mlp.loss(batch), want["mlp"])
     assert calls, "the per-task loop used on CPU for a model without convolutions"
+
+
+def test_set_transductive_switches_the_query_batch_norm_policy_or_names_the_learner():
+    """ANIL and Meta-SGD take `transductive` through MAML's keyword arguments; set_transductive reaches them and
+    changes their predictions. Learners without the choice refuse with a message naming them."""
+    from metaxfer.learners.metric import ProtoNet
+
+    batch = cluster_batch(tasks=1).task(0)
+    for learner in (ANIL(body(), head(), inner_lr=0.5), MetaSGD(nn.Sequential(body(), head()), inner_lr=0.5)):
+        inductive = learner.adapt(batch.support_x, batch.support_y)(batch.query_x)
+        learner.set_transductive(True)
+        assert learner.transductive
+        transductive = learner.adapt(batch.support_x, batch.support_y)(batch.query_x)
+        assert not torch.allclose(inductive, transductive)
+        learner.set_transductive(False)
+        torch.testing.assert_close(learner.adapt(batch.support_x, batch.support_y)(batch.query_x), inductive)
+    with pytest.raises(ConfigError, match="ProtoNet has no transductive mode"):
+        ProtoNet(body()).set_transductive(True)

@@ -187,6 +187,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.inner_steps < 0:
             raise ConfigError(f"--inner-steps must be >= 0, got {args.inner_steps}")
         learner.eval_inner_steps = args.inner_steps
+    if args.transductive:
+        learner.set_transductive(True)
     run_cfg = learner.card.get("run_config")
     # The data and episode sizes the model was trained and tested with, unless overridden.
     cfg = config_from_dict(run_cfg) if run_cfg else RunConfig()
@@ -259,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full result record as JSON")
     p.add_argument("--progress", action="store_true", help="progress bar")
     p.add_argument("--inner-steps", type=int, help="test-time inner steps of a gradient-based learner (default: its own)")
+    p.add_argument("--transductive", action="store_true", help="normalise each episode's queries with their own "
+                   "BatchNorm batch statistics, the papers' transduction protocol (gradient-based learners, "
+                   "Relation Networks; default: non-transductive)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("configs", help="list packaged presets")

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
+from metaxfer.errors import ConfigError
 from metaxfer.tasks.episode import Episode
 
 
@@ -32,7 +33,9 @@ class Learner(nn.Module):
 
     Class attributes each subclass sets:
         transductive: whether predictions for one query example depend on the
-            other query examples (False for every learner by default).
+            other query examples (False for every learner by default). A learner
+            that offers both BatchNorm policies sets ``self.transductive`` in its
+            constructor; :meth:`set_transductive` switches it.
         order: ``"second"``, ``"first"`` or ``None`` (no inner-loop gradients).
     """
 
@@ -50,6 +53,25 @@ class Learner(nn.Module):
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
         """Adapt to one task's support set ``[S, *x_shape]``, ``[S]``; return a predictor."""
         raise NotImplementedError
+
+    def set_transductive(self, transductive: bool = True) -> None:
+        """Choose whether predictions normalise the queries with their own BatchNorm batch statistics.
+
+        The papers' "transduction" protocol (the MAML and Reptile reference
+        code, Relation Networks' test code): a query's prediction then depends
+        on the other queries of the call. Off by default.
+
+        Raises:
+            ConfigError: the learner has no such choice (its predictions never
+                use the query batch's statistics).
+        """
+        if "transductive" not in vars(self):
+            raise ConfigError(
+                f"{type(self).__name__} has no transductive mode: its predictions never depend on the other queries; "
+                "transductive evaluation applies to MAML, FO-MAML, ANIL, Meta-SGD, Reptile, the LSTM meta-learner and "
+                "Relation Networks"
+            )
+        self.transductive = bool(transductive)
 
     def preprocess(self, images: Sequence[Any]) -> Tensor:
         """Convert PIL images to the input tensors ``[N, C, H, W]`` this learner was trained on.
