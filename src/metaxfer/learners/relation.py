@@ -117,8 +117,8 @@ class RelationPredictor:
 
 def _batch_stats_call(module: nn.Module, *args: Tensor) -> Tensor:
     """``module(*args)`` with every BatchNorm on the batch's own statistics; running statistics neither read nor written."""
-    params = dict(module.named_parameters())
-    return torch.func.functional_call(module, (params, without_running_stats(module)), args, strict=False)
+    # Only the running-statistics buffers are overridden (hidden); parameters are the module's own.
+    return torch.func.functional_call(module, without_running_stats(module), args, strict=False)
 
 
 class TransductiveRelationPredictor:
