@@ -38,6 +38,11 @@ The small model of the gradient-family issue, where per-task overhead dominates 
     .venv-bench/bin/python benchmarks/speed_maml.py --hidden 8 --threads 1 --rounds 20 \
         --variants learn2learn,metaxfer-loop,metaxfer-vmap,metaxfer-vmap-chunked --tasks-per-backward 8
 
+The ablation of Conv4's fold of the support statistics into the query pass's convolutions (2026-12-06):
+
+    .venv-bench/bin/python benchmarks/speed_maml.py --threads 1 --rounds 6 --tasks-per-backward 1 \
+        --variants learn2learn,metaxfer-chunked,metaxfer-chunked+unfolded
+
 Prints a table, then the JSON record as the last line.
 """
 
@@ -69,6 +74,9 @@ from metaxfer.tasks import Episode
 
 VARIANTS = ("metaxfer-vmap", "metaxfer-loop", "metaxfer-chunked", "metaxfer-vmap-chunked", "learn2learn",
             "metaxfer-vmap+plain-conv4", "metaxfer-loop+plain-conv4")
+# Any metaxfer variant + this suffix: the same, with Conv4's folding of the support statistics into the query
+# pass's convolutions switched off (ConvBlock.fold_support_statistics), the ablation of that fold.
+UNFOLDED = "+unfolded"
 
 
 def make_batch(tasks: int, ways: int, shots: int, queries: int, seed: int) -> Episode:
@@ -86,6 +94,8 @@ def build(variant: str, batch: Episode, args: argparse.Namespace) -> Callable[[]
     torch.manual_seed(args.seed)
     reference = Conv4(hidden=args.hidden, num_classes=args.ways, norm="batchnorm_split")
 
+    unfolded = variant.endswith(UNFOLDED)
+    variant = variant.removesuffix(UNFOLDED)
     if variant.startswith("metaxfer"):
         from metaxfer.learners.gradient import MAML
         from metaxfer.train.fit import forward_backward
@@ -99,6 +109,9 @@ def build(variant: str, batch: Episode, args: argparse.Namespace) -> Callable[[]
             model.load_state_dict(C.split_to_affine_state(reference.state_dict()))
         else:
             model = reference
+        if unfolded:
+            for block in getattr(model, "features", []):
+                block.fold_support_statistics = False
         learner = MAML(model, inner_lr=args.inner_lr, inner_steps=args.inner_steps, first_order=False,
                        vectorize=variant.startswith("metaxfer-vmap"))
         opt = torch.optim.Adam(learner.parameters(), args.lr)
@@ -120,7 +133,7 @@ def build(variant: str, batch: Episode, args: argparse.Namespace) -> Callable[[]
         model.load_state_dict(C.split_to_affine_state(reference.state_dict()))
         return C.learn2learn_maml_step(model, batch, F.cross_entropy, args.inner_lr, args.inner_steps, args.lr)
 
-    raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS} (metaxfer ones also with {UNFOLDED!r})")
 
 
 def meta_iteration_flops(batch: Episode, args: argparse.Namespace) -> dict[str, float]:
@@ -133,6 +146,9 @@ def meta_iteration_flops(batch: Episode, args: argparse.Namespace) -> dict[str, 
 
     torch.manual_seed(args.seed)
     model = Conv4(hidden=args.hidden, num_classes=args.ways, norm="batchnorm_split")
+    for block in model.features:
+        # The folded query pass calls its convolutions without the module hooks that count them (same FLOPs).
+        block.fold_support_statistics = False
     learner = MAML(model, inner_lr=args.inner_lr, inner_steps=args.inner_steps, first_order=False, vectorize=False)
     return C.conv_linear_flops(model, lambda: learner.loss(batch).backward())
 

@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from metaxfer.backbones import ChannelAffine, Conv4
+from metaxfer.backbones.conv4 import ConvBlock
 
 NORMS = ["batchnorm", "batchnorm_split", "none"]
 
@@ -137,3 +138,67 @@ def test_fx_export_and_torchscript_still_work() -> None:
     torch.testing.assert_close(torch.fx.symbolic_trace(net)(x), expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.export.export(net, (x,)).module()(x), expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.jit.script(net)(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def _meta_loss_and_grads(net: Conv4, vectorize: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    from metaxfer.learners.gradient import MAML
+    from metaxfer.tasks import Episode
+
+    g = torch.Generator().manual_seed(1)
+    batch = Episode(
+        torch.randn(2, 3, 1, 28, 28, generator=g, dtype=torch.double), torch.arange(3).repeat(2, 1),
+        torch.randn(2, 9, 1, 28, 28, generator=g, dtype=torch.double), torch.arange(3).repeat_interleave(3).repeat(2, 1),
+    )
+    learner = MAML(net, inner_lr=0.4, inner_steps=2, vectorize=vectorize)
+    loss = learner.loss(batch)
+    return loss.detach(), list(torch.autograd.grad(loss, list(learner.parameters())))
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "batchnorm_split"])
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_folding_support_statistics_into_the_convolution_is_exact(norm: str, vectorize: bool, monkeypatch) -> None:
+    """MAML's query pass with the support statistics folded into the convolutions: same loss and meta-gradient."""
+    torch.manual_seed(0)
+    net = Conv4(hidden=8, norm=norm, num_classes=3, downsample="maxpool").double()
+    _randomise(net)
+    folded_calls = []
+    original = ConvBlock._forward_folded
+
+    def counting(self: ConvBlock, x: torch.Tensor) -> torch.Tensor | None:
+        out = original(self, x)
+        folded_calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(ConvBlock, "_forward_folded", counting)
+    loss, grads = _meta_loss_and_grads(net, vectorize)
+    # Every block of every query pass: once under vmap, once per task (2) in the loop; support passes never fold.
+    assert sum(folded_calls) == (4 if vectorize else 2 * 4)
+    for block in net.features:
+        block.fold_support_statistics = False
+    folded_calls.clear()
+    loss_ref, grads_ref = _meta_loss_and_grads(net, vectorize)
+    assert not any(folded_calls)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_folding_applies_only_to_the_query_pass() -> None:
+    """Plain forward passes (train or eval mode, running statistics kept) never take the folded path."""
+    from metaxfer.functional import support_batch_norm, without_running_stats
+    from metaxfer.functional.inner_loop import support_then_query
+
+    net = Conv4(hidden=8, norm="batchnorm_split", num_classes=3)
+    _randomise(net)
+    x = torch.randn(6, 1, 28, 28)
+    before = net.features[0][1].num_batches_tracked.clone()
+    net(x)
+    assert net.features[0][1].num_batches_tracked == before + 1  # the training-mode counter still runs
+    with support_batch_norm(3):
+        joint = functional_call(net, without_running_stats(net), (x,), strict=False)
+
+    def call(inp: torch.Tensor) -> torch.Tensor:
+        return functional_call(net, without_running_stats(net), (inp,), strict=False)
+
+    support_out, query_out = support_then_query(call, x[:3], x[3:])
+    torch.testing.assert_close(torch.cat([support_out, query_out]), joint, rtol=1e-4, atol=1e-5)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from metaxfer.backbones.registry import register_backbone
+from metaxfer.functional.inner_loop import replayed_batch_norm_statistics
 
 
 class ChannelAffine(nn.Module):
@@ -44,13 +45,77 @@ class _Conv2d(nn.Conv2d):
 
     @torch.jit.unused
     def _forward_eager(self, x: Tensor) -> Tensor:
-        if self.bias is not None and _channels_last_ok(x):
+        return self.conv_with(x, self.weight, self.bias)
+
+    @torch.jit.unused
+    def conv_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """This layer's convolution (stride, padding, CPU fast path) with other weights ``[out, in, k, k]`` and bias ``[out]``."""
+        if bias is not None and _channels_last_ok(x):
             # In place is safe: the convolution's backward saves its input and weight, not its output.
-            return self._conv_forward(x, self.weight, None).add_(self.bias[:, None, None])
-        return self._conv_forward(x, self.weight, self.bias)
+            return self._conv_forward(x, weight, None).add_(bias[:, None, None])
+        return self._conv_forward(x, weight, bias)
 
 
-def conv_block(in_channels: int, out_channels: int, norm: str, downsample: str, track_running_stats: bool) -> nn.Sequential:
+class ConvBlock(nn.Sequential):
+    """A Conv4 block, ``nn.Sequential(conv, [BatchNorm, [ChannelAffine]], [max-pool], ReLU)``, same ``state_dict``.
+
+    One difference from ``nn.Sequential``: in the query pass of
+    :func:`metaxfer.functional.support_then_query` (MAML-family learners
+    normalising queries with the support set's statistics) the statistics are
+    known before the convolution runs, so the block folds the normalisation
+    and the affine into the convolution (``W' = W * s``, ``b' = b * s + t``
+    per output channel, the inference-time folding of BatchNorm) instead of
+    normalising its output: the same function, without the full-size
+    multiply-add over the query activations in the forward pass and its
+    multiply and reductions in the backward pass; gradients reach the
+    support statistics through ``s`` and ``t``. Everywhere else, and with
+    ``fold_support_statistics = False``, it is ``nn.Sequential``.
+    """
+
+    fold_support_statistics: bool = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            folded = self._forward_folded(x)
+            if folded is not None:
+                return folded
+        for module in self:
+            x = module(x)
+        return x
+
+    @torch.jit.unused
+    def _forward_folded(self, x: Tensor) -> Tensor | None:
+        """The block with the replayed support statistics folded into the convolution; None where that does not apply."""
+        if not self.fold_support_statistics or len(self) < 2 or torch.compiler.is_compiling():
+            return None  # (torch.compile: no support-statistics pass to fold; keep its graph free of the lookup)
+        conv, norm = self[0], self[1]
+        # A training-mode layer with running statistics counts its batches in forward(); keep that path as it is.
+        if not isinstance(conv, _Conv2d) or not isinstance(norm, nn.BatchNorm2d) or (
+                norm.training and norm.num_batches_tracked is not None):
+            return None
+        stats = replayed_batch_norm_statistics()
+        if stats is None:
+            return None
+        mean, var = stats
+        scale = torch.rsqrt(var.reshape(-1) + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -mean.reshape(-1) * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias
+        rest = list(self)[2:]
+        if rest and isinstance(rest[0], ChannelAffine):
+            affine = rest.pop(0)
+            scale = scale * affine.weight
+            shift = torch.addcmul(affine.bias, shift, affine.weight)
+        bias = shift if conv.bias is None else torch.addcmul(shift, conv.bias, scale)
+        x = conv.conv_with(x, conv.weight * scale[:, None, None, None], bias)
+        for module in rest:
+            x = module(x)
+        return x
+
+
+def conv_block(in_channels: int, out_channels: int, norm: str, downsample: str, track_running_stats: bool) -> ConvBlock:
     """3x3 conv -> BatchNorm -> ReLU -> 2x2 max-pool (or a stride-2 conv when ``downsample="stride"``).
 
     The modules run as conv -> BatchNorm -> max-pool -> ReLU: ReLU is monotone,
@@ -72,7 +137,7 @@ def conv_block(in_channels: int, out_channels: int, norm: str, downsample: str, 
     elif downsample != "stride":
         raise ValueError(f"downsample must be 'maxpool' or 'stride', got {downsample!r}")
     layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+    return ConvBlock(*layers)
 
 
 # Private torch hooks, looked up once; where one is missing the fast paths are simply off.

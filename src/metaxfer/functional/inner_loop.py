@@ -22,8 +22,9 @@ Two pieces:
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ __all__ = [
     "UpdateRule",
     "clip_grad_norm",
     "inner_loop",
+    "replayed_batch_norm_statistics",
     "sgd_step",
     "support_batch_norm",
     "support_then_query",
@@ -252,6 +254,9 @@ def inner_loop(
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
 
+_Mode = TypeVar("_Mode", bound="_SupportBatchNormMode")
+
+
 class _SupportBatchNormMode(TorchFunctionMode):
     """Torch-function mode that reroutes ``F.batch_norm`` (see :func:`support_batch_norm`).
 
@@ -271,6 +276,14 @@ class _SupportBatchNormMode(TorchFunctionMode):
         self.record = record
         self.replay = replay
         self.calls = 0
+
+    def __enter__(self: _Mode) -> _Mode:  # noqa: PYI019 (typing.Self is Python >= 3.11; we support 3.10)
+        _active_modes().append(self)
+        return super().__enter__()  # type: ignore[return-value]
+
+    def __exit__(self, *exc: object) -> None:
+        _active_modes().pop()
+        super().__exit__(*exc)
 
     def __torch_function__(
         self,
@@ -299,6 +312,41 @@ class _SupportBatchNormMode(TorchFunctionMode):
                 self.record.append((mean, var))
         self.calls += 1
         return _apply_statistics(x, mean, var, a["weight"], a["bias"], a["eps"])
+
+
+_MODES = threading.local()
+
+
+def _active_modes() -> list[_SupportBatchNormMode]:
+    """This thread's entered support-statistics modes, innermost last."""
+    if not hasattr(_MODES, "stack"):
+        _MODES.stack = []
+    return _MODES.stack
+
+
+def replayed_batch_norm_statistics() -> tuple[Tensor, Tensor] | None:
+    """Take the statistics the next BatchNorm call would normalise with in the query pass of :func:`support_then_query`.
+
+    For layers that can fold a known normalisation into their own computation
+    (:class:`metaxfer.backbones.conv4.ConvBlock` folds it into the
+    convolution's weights and bias, saving full-size passes over the query
+    activations). Taking the statistics counts as that BatchNorm call, so the
+    caller must then not call ``F.batch_norm`` for the same layer.
+
+    Returns:
+        ``(mean, var)``, each ``[1, C, 1, ...]`` (the support rows' mean and
+        biased variance at this layer), or ``None`` outside a query pass (no
+        statistics are known in advance: the layer must run as usual).
+    """
+    modes = _active_modes()
+    if not modes:
+        return None
+    mode = modes[-1]
+    if mode.replay is None or mode.calls >= len(mode.replay):
+        return None
+    stats = mode.replay[mode.calls]
+    mode.calls += 1
+    return stats
 
 
 def _statistics(x: Tensor, num_support: int | None) -> tuple[Tensor, Tensor]:
@@ -346,7 +394,10 @@ def support_then_query(fn: Callable[[Tensor], Tensor], support_x: Tensor, query_
     does not depend on the other query rows), without concatenating and
     without slicing the support rows out of every activation (whose backward
     writes a full-size zero gradient). Gradients flow through the statistics
-    into the support pass; exact under ``vmap`` and ``grad``.
+    into the support pass; exact under ``vmap`` and ``grad``. Layers that
+    know their statistics in advance may fold them into their own weights
+    during the query pass (:func:`replayed_batch_norm_statistics`; Conv4's
+    blocks do).
 
     Args:
         fn: a pure forward pass ``[N, *x_shape] -> [N, ...]`` whose BatchNorm
