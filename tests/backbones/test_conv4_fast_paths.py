@@ -184,7 +184,8 @@ def test_folding_support_statistics_into_the_convolution_is_exact(norm: str, vec
 
 
 def test_folding_applies_only_to_the_query_pass() -> None:
-    """Plain forward passes (train or eval mode, running statistics kept) never take the folded path."""
+    """A training-mode pass with running statistics stays unfolded (its batch counter runs); the folded query pass
+    of support_then_query equals support_batch_norm over support + query."""
     from metaxfer.functional import support_batch_norm, without_running_stats
     from metaxfer.functional.inner_loop import support_then_query
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from metaxfer.backbones.registry import register_backbone
-from metaxfer.functional.inner_loop import replayed_batch_norm_statistics
+from metaxfer.functional.inner_loop import batch_norm_scale_shift, replayed_batch_norm_statistics
 
 
 class ChannelAffine(nn.Module):
@@ -97,12 +97,7 @@ class ConvBlock(nn.Sequential):
         if stats is None:
             return None
         mean, var = stats
-        scale = torch.rsqrt(var.reshape(-1) + norm.eps)
-        if norm.weight is not None:
-            scale = scale * norm.weight
-        shift = -mean.reshape(-1) * scale
-        if norm.bias is not None:
-            shift = shift + norm.bias
+        scale, shift = batch_norm_scale_shift(mean.reshape(-1), var.reshape(-1), norm.weight, norm.bias, norm.eps)
         rest = list(self)[2:]
         if rest and isinstance(rest[0], ChannelAffine):
             affine = rest.pop(0)

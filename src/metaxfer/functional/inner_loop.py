@@ -42,6 +42,7 @@ __all__ = [
     "Params",
     "SupportLoss",
     "UpdateRule",
+    "batch_norm_scale_shift",
     "clip_grad_norm",
     "inner_loop",
     "replayed_batch_norm_statistics",
@@ -300,18 +301,26 @@ class _SupportBatchNormMode(TorchFunctionMode):
         a = bound.arguments
         x = a["input"]
         if self.replay is not None:
-            if self.calls >= len(self.replay):
+            stats = self.take_replayed()
+            if stats is None:
                 raise RuntimeError(
                     f"the model called BatchNorm more often on the query ({self.calls + 1}+ calls) than on the support "
                     f"({len(self.replay)}); support statistics need the same layers to run in the same order on both"
                 )
-            mean, var = self.replay[self.calls]
+            mean, var = stats
         else:
             mean, var = _statistics(x, self.num_support)
             if self.record is not None:
                 self.record.append((mean, var))
-        self.calls += 1
+            self.calls += 1
         return _apply_statistics(x, mean, var, a["weight"], a["bias"], a["eps"])
+
+    def take_replayed(self) -> tuple[Tensor, Tensor] | None:
+        """The next recorded statistics, counted as a BatchNorm call; None without a replay or when none is left."""
+        if self.replay is None or self.calls >= len(self.replay):
+            return None
+        self.calls += 1
+        return self.replay[self.calls - 1]
 
 
 _MODES = threading.local()
@@ -339,14 +348,7 @@ def replayed_batch_norm_statistics() -> tuple[Tensor, Tensor] | None:
         statistics are known in advance: the layer must run as usual).
     """
     modes = _active_modes()
-    if not modes:
-        return None
-    mode = modes[-1]
-    if mode.replay is None or mode.calls >= len(mode.replay):
-        return None
-    stats = mode.replay[mode.calls]
-    mode.calls += 1
-    return stats
+    return modes[-1].take_replayed() if modes else None
 
 
 def _statistics(x: Tensor, num_support: int | None) -> tuple[Tensor, Tensor]:
@@ -373,14 +375,28 @@ def _apply_statistics(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | Non
     far fewer passes over ``[N, C, H, W]`` (these passes, not the
     convolutions, dominate second-order MAML on CPU).
     """
-    shape = [1, -1] + [1] * (x.dim() - 2)
+    scale, shift = batch_norm_scale_shift(mean, var, weight, bias, eps)
+    return torch.addcmul(shift, x, scale)
+
+
+def batch_norm_scale_shift(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                           eps: float) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(scale, shift)`` with ``(x - mean) / sqrt(var + eps) * weight + bias == x * scale + shift``.
+
+    Args:
+        mean, var: per-channel statistics, ``[C]`` or ``[1, C, 1, ...]``.
+        weight, bias: the affine ``[C]`` (or None), reshaped to ``mean``'s shape.
+
+    Returns:
+        ``scale`` and ``shift``, each of ``mean``'s shape.
+    """
     scale = torch.rsqrt(var + eps)
     if weight is not None:
-        scale = scale * weight.reshape(shape)
+        scale = scale * weight.reshape(mean.shape)
     shift = -mean * scale
     if bias is not None:
-        shift = shift + bias.reshape(shape)
-    return torch.addcmul(shift, x, scale)
+        shift = shift + bias.reshape(mean.shape)
+    return scale, shift
 
 
 def support_then_query(fn: Callable[[Tensor], Tensor], support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
