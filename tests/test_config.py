@@ -40,3 +40,32 @@ def test_yaml_file_path(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("name: mine\ntrain: {steps: 3}\n")
     assert load_config(str(f)).train.steps == 3
+
+
+def test_exponent_numbers_are_numbers_everywhere(tmp_path):
+    # PyYAML (YAML 1.1) reads "3e-5" as a string; that reached torch.optim.Adam(lr="3e-5") as a TypeError.
+    cfg = load_config("omniglot/protonet_5w1s", ["train.lr=3e-5", "train.steps=1e4",
+                                                   "model.learner_args={inner_lr: 4E-1}"])
+    assert cfg.train.lr == 3e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 10000 and isinstance(cfg.train.steps, int)
+    assert cfg.model.learner_args == {"inner_lr": 0.4}
+    f = tmp_path / "c.yaml"
+    f.write_text("train: {lr: 1e-3, lr_decay: 5e-1}\n")
+    assert load_config(str(f)).train.lr_decay == 0.5
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=fast", r"train.lr must be a number, got 'fast' \(str\)"),
+    ("train.steps=2.5", r"train.steps must be an integer, got 2.5 \(float\)"),
+    ("eval.ways=true", r"eval.ways must be an integer, got True \(bool\)"),
+    ("train.grad_clip=off", r"train.grad_clip must be a number or null, got False \(bool\)"),  # YAML: off is false
+    ("train.grad_clip=high", r"train.grad_clip must be a number or null, got .high."),
+])
+def test_value_of_the_wrong_type_names_key_and_type(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("omniglot/protonet_5w1s", [override])
+
+
+def test_optional_and_text_fields_accept_their_values():
+    cfg = load_config("omniglot/protonet_5w1s", ["train.grad_clip=null", "data.root=2024", "train.grad_clip=1"])
+    assert cfg.train.grad_clip == 1.0 and cfg.data.root == "2024"

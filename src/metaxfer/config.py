@@ -8,10 +8,11 @@ that lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -36,7 +37,7 @@ class DataConfig:
     args: dict[str, Any] = field(default_factory=dict)
     root: str | None = None
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str | None = "val"  # null: no validation (e.g. the lake protocol has no val alphabets)
     test_split: str = "test"
 
 
@@ -98,6 +99,64 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where a float needs a dot: ``3e-5`` and ``1e4`` load as the *strings*
+    ``"3e-5"`` and ``"1e4"``, which reach ``torch.optim.Adam(lr="3e-5")`` as a TypeError far from the
+    config. Here they are floats, in presets, run configs and ``key=value`` overrides alike.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str | IO[str]) -> Any:
+    """Parse YAML safely, reading ``3e-5`` as a number (YAML 1.2) rather than a string (PyYAML's YAML 1.1).
+
+    Args:
+        text: a YAML document or an open text file.
+
+    Returns:
+        The parsed value: a scalar for an override's value, a mapping for a config file.
+    """
+    return yaml.load(text, Loader=_Loader)  # safe: _Loader is a SafeLoader subclass
+
+
+def _check_scalar(value: Any, annotation: str, key: str) -> Any:
+    """``value`` as the field's declared scalar type (``"int"``, ``"float | None"``, ...), or a ConfigError.
+
+    An integral float is accepted where an integer is declared (``train.steps=1e4``); other annotations
+    (mappings, ``Any``) pass through unchecked.
+    """
+    kinds = {k.strip() for k in annotation.split("|")}
+    if value is None and "None" in kinds:
+        return None
+    if "float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if "int" in kinds and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    if "str" in kinds and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. a data root named 2024
+    if "bool" in kinds and isinstance(value, bool):
+        return value
+    expected = {"float": "a number", "int": "an integer", "str": "text", "bool": "true or false"}
+    wanted = [expected[k] for k in ("float", "int", "str", "bool") if k in kinds]
+    if not wanted:
+        return value
+    if "None" in kinds:
+        wanted.append("null")
+    raise ConfigError(f"{key} must be {' or '.join(wanted)}, got {value!r} ({type(value).__name__})")
+
+
 def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
@@ -115,7 +174,7 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
         if section is not None:
             kwargs[name] = _from_dict(section, value or {}, f"{where}.{name}" if where else name)
         else:
-            kwargs[name] = value
+            kwargs[name] = _check_scalar(value, str(fields[name].type), f"{where}.{name}" if where else name)
     return cls(**kwargs)
 
 
@@ -127,7 +186,8 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Validate a nested dict into a :class:`RunConfig`.
 
     Raises:
-        ConfigError: naming any unknown key and listing the valid ones.
+        ConfigError: naming any unknown key and listing the valid ones, or a value of the wrong
+            type (``train.lr must be a number, got 'fast' (str)``).
     """
     return _from_dict(RunConfig, data, "")
 
@@ -148,7 +208,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=100")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else None)
+        _set_dotted(data, key.strip(), load_yaml(raw) if raw else None)
     return data
 
 
@@ -167,7 +227,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
     """Load a packaged preset by name or a YAML file by path, then apply overrides.
 
     Raises:
-        ConfigError: for an unknown preset (listing the presets) or an unknown key.
+        ConfigError: for an unknown preset (listing the presets), an unknown key or a value of the wrong type.
     """
     path = Path(name_or_path)
     if not path.is_file():
@@ -180,7 +240,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
         path = candidate
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = load_yaml(f) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     data = apply_overrides(data, overrides or [])

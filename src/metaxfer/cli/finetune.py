@@ -49,8 +49,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from metaxfer.config import load_yaml
 from metaxfer.errors import CheckpointError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"{flag} {item!r} must look like KEY=VALUE, e.g. {flag} hidden=64")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw else None
+        out[key.strip()] = load_yaml(raw) if raw else None
     return out
 
 
