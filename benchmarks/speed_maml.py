@@ -24,8 +24,8 @@ own subprocess. Everything runs after
 
 Note the BatchNorm policies differ (metaxfer normalises queries with the
 support statistics, non-transductive; learn2learn's usual loop uses query
-batch statistics), so first losses differ; the work per task is comparable
-(metaxfer's query pass runs on support + query rows, 80 instead of 75).
+batch statistics), so first losses differ; the work per task is the same
+(both run the support pass on 5 rows and the query pass on 75).
 
 Run (after ``bash benchmarks/setup_peers.sh``):
 
@@ -42,6 +42,13 @@ The ablation of Conv4's fold of the support statistics into the query pass's con
 
     .venv-bench/bin/python benchmarks/speed_maml.py --threads 1 --rounds 6 --tasks-per-backward 1 \
         --variants learn2learn,metaxfer-chunked,metaxfer-chunked+unfolded
+
+Idle machine, both threads, with each variant's time inside the convolution kernels (profiled after the
+timed rounds; set the OpenMP policy before Python starts, the script's PASSIVE default costs ~1.5x on an idle
+machine here for this many small kernels):
+
+    OMP_WAIT_POLICY=ACTIVE .venv-bench/bin/python benchmarks/speed_maml.py --threads 2 --rounds 8 \
+        --tasks-per-backward 1 --variants learn2learn,metaxfer-chunked --conv-time
 
 Prints a table, then the JSON record as the last line.
 """
@@ -153,6 +160,27 @@ def meta_iteration_flops(batch: Episode, args: argparse.Namespace) -> dict[str, 
     return C.conv_linear_flops(model, lambda: learner.loss(batch).backward())
 
 
+# The kernels that do the convolutions' arithmetic (their double backward calls these too); the wrappers
+# around them (aten::convolution, aten::_convolution) only dispatch, so their self time is not counted.
+CONV_KERNELS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
+                "aten::_slow_conv2d_backward")
+
+
+def convolution_seconds(step: Callable[[], float], repeats: int = 2) -> float:
+    """Seconds per meta-iteration spent inside convolution kernels (profiler self time, mean of ``repeats``).
+
+    What the convolutions of an implementation actually cost, as opposed to the FLOP bound (which assumes
+    every convolution runs at the GEMM probe's rate): no speed-up beyond this variant's total over this
+    number is possible without faster convolutions.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            step()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in CONV_KERNELS) / 1e6 / repeats
+
+
 def child_memory(args: argparse.Namespace) -> None:
     """One variant alone in this process: peak RSS of setup + a few meta-iterations (one JSON line)."""
     metaxfer.runtime.tune_allocator()
@@ -190,6 +218,8 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="also time metaxfer's MAML on the plain (paper-order, NCHW) Conv4")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
     parser.add_argument("--memory-steps", type=int, default=3, help="meta-iterations in each memory subprocess")
+    parser.add_argument("--conv-time", action="store_true", help="also profile each variant's time inside convolution "
+                        "kernels (after the timed rounds)")
     parser.add_argument("--out", default=None, help="also write the JSON record to this file")
     parser.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -221,6 +251,8 @@ def main() -> None:
             f"paired_ratio_to_{base_name}": C.paired_ratio(times[v], times[base_name]),
             "times_flop_bound": C.summary(times[v])["median"] / bound,
         }
+        if args.conv_time:
+            results[v]["convolution_seconds"] = convolution_seconds(steps[v])
     if not args.no_memory:
         extra = ["--tasks", str(args.tasks), "--ways", str(args.ways), "--shots", str(args.shots), "--queries", str(args.queries),
                  "--inner-lr", str(args.inner_lr), "--inner-steps", str(args.inner_steps), "--seed", str(args.seed),
@@ -260,13 +292,13 @@ def main() -> None:
             f"{mem['peak_rss_mb']:.0f}" if "peak_rss_mb" in mem else mem.get("error", "-"),
             f"{mem['peak_minus_setup_mb']:.0f}" if "peak_minus_setup_mb" in mem else "-",
             f"{r['times_flop_bound']:.1f}x",
-        ])
+        ] + ([f"{r['convolution_seconds']:.3f}"] if args.conv_time else []))
     human = (
         f"MAML meta-iteration: {args.tasks} tasks x {args.ways}-way {args.shots}-shot {args.queries} queries/class, Conv4-{args.hidden}, "
         f"{args.inner_steps} inner step lr {args.inner_lr}, second order, Adam; {args.rounds} alternating rounds; "
         f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_model']}, load {env['loadavg_start'][0]:.1f}\n\n"
         + C.table(rows, ["variant", "median s", "IQR s", f"vs {base_name}", "paired", "peak RSS MB", "peak - setup MB",
-                         "x FLOP bound"])
+                         "x FLOP bound"] + (["conv kernels s"] if args.conv_time else []))
         + f"\n\nFLOP lower bound: {fb['conv_linear_gflop']:.1f} GFLOP of convolutions and linear layers (forward and first "
         f"backward; the support pass's second backward is not counted) at {gemm['bound_gflops']:.0f} GFLOP/s "
         f"({gemm['bound_kernel']}, measured between the steps) = {bound:.3f} s"
