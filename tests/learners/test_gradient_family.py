@@ -234,6 +234,9 @@ def test_nothing_to_adapt_and_unknown_adapt_names() -> None:
         MAML(model)
     with pytest.raises(ConfigError, match="no parameter has that name"):
         MAML(BodyHead(body(), head()), adapt=["classifier"])
+    # Every trainable module is named, the head included (the list used to stop after 8 parameters).
+    with pytest.raises(ConfigError, match=r"trainable ones are under \['features.0.0', .*'features.3.1', 'head'\]"):
+        MAML(Conv4(num_classes=5), adapt=["classifier"])
 
 
 @pytest.mark.parametrize("logits", [3, 10])

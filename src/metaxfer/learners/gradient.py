@@ -294,7 +294,8 @@ class MAML(Learner):
                 if not hits:
                     frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad and (n == key or n.startswith(key + "."))]
                     why = (f"it names parameters that need no gradient (requires_grad=False: {frozen[:4]}); unfreeze them"
-                           if frozen else f"no parameter has that name or prefix; trainable ones: {trainable[:8]}")
+                           if frozen else "no parameter has that name or prefix; the trainable ones are under "
+                           f"{list(dict.fromkeys(n.rpartition('.')[0] or n for n in trainable))}")
                     raise ConfigError(f"adapt entry {key!r} cannot be adapted: {why}")
                 chosen += [n for n in hits if n not in chosen]
         if not chosen:

@@ -304,7 +304,10 @@ class Distill(Learner):
     ``state_dict`` / ``load_state_dict`` and ``build_spec`` are the student's:
     checkpoints of a distillation run (and :func:`metaxfer.save` of a
     :class:`Distill`) load with :func:`metaxfer.load` as the student learner,
-    without the teacher. ``parameters()`` are the student's too.
+    without the teacher, when the student was built with
+    :func:`metaxfer.build_learner` (as the CLI and presets do; a student built
+    by hand saves weights only, for :func:`metaxfer.hub.load_weights` on a
+    rebuilt one). ``parameters()`` are the student's too.
 
     Args:
         student: a :class:`~metaxfer.transfer.baseline.Baseline` (or
@@ -329,7 +332,8 @@ class Distill(Learner):
 
     Example:
         >>> teacher = metaxfer.load("runs/baseline_pp_omniglot_resnet12_5w1s")
-        >>> student = BaselinePlusPlus(metaxfer.create_backbone("conv4", in_channels=1), num_base_classes=4112)
+        >>> student = metaxfer.build_learner({"learner": "baseline_pp", "backbone": "conv4",
+        ...     "backbone_args": {"in_channels": 1}, "learner_args": {"num_base_classes": 4112}})
         >>> learner = Distill(student, teacher, temperature=4.0, alpha=0.5)
         >>> metaxfer.fit(learner, ClassBatchSampler(train_set, 64), torch.optim.Adam(learner.parameters()), 25000)
         >>> predict = learner.adapt(support_x, support_y)     # the student's Baseline++ adaptation

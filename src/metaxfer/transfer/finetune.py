@@ -387,10 +387,11 @@ def recalibrate_batchnorm(model: nn.Module, x: Tensor, batch_size: int | None = 
 
 
 class BodyHead(nn.Module):
-    """``head(body(x))`` with the parameter prefixes ``body.`` ... and ``head.`` ... that patterns refer to.
+    """``head(backbone(x))``, with the parameter prefixes ``backbone.`` ... and ``head.`` ... that patterns refer to.
 
-    :class:`FineTune` names the backbone ``backbone`` instead, so freeze and
-    layer-rate patterns read the same as in the learner's ``state_dict``.
+    The same names as in a :class:`FineTune` learner's ``state_dict``, so freeze and
+    layer-rate patterns (``freeze=["backbone.features.0"]``) read the same in both
+    (ANIL's :class:`metaxfer.learners.anil.BodyHead` names its feature extractor ``body``).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
