@@ -18,6 +18,7 @@ from metaxfer.config import DataConfig, ModelConfig, TrainConfig
 from metaxfer.errors import ConfigError
 from metaxfer.learners.base import Learner
 from metaxfer.learners.registry import create_learner
+from metaxfer.registry import UnknownArgumentError
 
 
 def build_learner(model: ModelConfig | dict[str, Any], preprocess: dict[str, Any] | None = None) -> Learner:
@@ -34,14 +35,15 @@ def build_learner(model: ModelConfig | dict[str, Any], preprocess: dict[str, Any
         from metaxfer.config import _from_dict
 
         model = _from_dict(ModelConfig, model, "model")
+    # UnknownArgumentError: a misspelt key; TypeError: a value of the wrong kind (hidden="abc").
     try:
         backbone = create_backbone(model.backbone, **model.backbone_args)
-    except TypeError as e:
-        raise ConfigError(f"bad backbone_args for {model.backbone!r}: {e}") from None
+    except (UnknownArgumentError, TypeError) as e:
+        raise ConfigError(f"bad backbone_args {model.backbone_args} for {model.backbone!r}: {e}") from None
     try:
         learner = create_learner(model.learner, backbone, **model.learner_args)
-    except TypeError as e:
-        raise ConfigError(f"bad learner_args for {model.learner!r}: {e}") from None
+    except (UnknownArgumentError, TypeError) as e:
+        raise ConfigError(f"bad learner_args {model.learner_args} for {model.learner!r}: {e}") from None
     learner.build_spec = dataclasses.asdict(model)  # type: ignore[assignment]
     if preprocess is not None:
         from metaxfer.data.images import ImagePreprocess
@@ -58,7 +60,12 @@ def build_dataset(data: DataConfig, split: str) -> Any:
     kwargs = dict(data.args)
     if data.root is not None:
         kwargs["root"] = data.root
-    return create_dataset(data.dataset, split=split, **kwargs)
+    try:
+        return create_dataset(data.dataset, split=split, **kwargs)
+    except UnknownArgumentError as e:
+        # Typically a preset's data.args kept after data.dataset was overridden to another dataset.
+        raise ConfigError(f"{e}: check data.args {dict(data.args)} (a preset's data.args stay when data.dataset "
+                          "changes; data.args={} clears them)") from None
 
 
 def build_sampler(data: DataConfig, split: str, ways: int | None, shots: int, queries: int, seed: int, *,
@@ -108,8 +115,39 @@ def build_sampler(data: DataConfig, split: str, ways: int | None, shots: int, qu
     return EpisodeSampler(dataset, ways, shots, queries, seed=seed)  # type: ignore[arg-type]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device` this machine has.
+
+    Raises:
+        ConfigError: for a name torch does not know (``"gpu"``) or an accelerator this torch build or
+            machine lacks (``"cuda"`` on a CPU-only install), instead of torch's error deep in training.
+    """
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {str(device)!r}: this torch build or machine has no CUDA GPU; use device=cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"device {str(device)!r}: this machine has {count} GPU(s) (cuda:0 to cuda:{count - 1})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {str(device)!r}: MPS is not available here; use device=cpu")
+    return dev
+
+
 def build_optimizer(params: Any, train: TrainConfig) -> torch.optim.Optimizer:
-    """Adam, or SGD with ``train.momentum`` (0.9 by default), over ``params``."""
+    """Adam, or SGD with ``train.momentum`` (0.9 by default), over ``params``.
+
+    Raises:
+        ConfigError: for an unknown optimizer, ``train.lr <= 0``, or a negative momentum or weight decay.
+    """
+    if not train.lr > 0:
+        raise ConfigError(f"train.lr must be > 0, got {train.lr} (e.g. train.lr=0.001)")
+    for key in ("momentum", "weight_decay"):
+        if getattr(train, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {getattr(train, key)}")
     if train.optimizer == "adam":
         return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
     if train.optimizer == "sgd":

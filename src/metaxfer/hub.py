@@ -79,7 +79,10 @@ def save(learner: Learner, path: str | os.PathLike[str], extra: dict[str, Any] |
 
 
 def resolve(path_or_name: str | os.PathLike[str]) -> Path:
-    """Find the model directory for a zoo name, a model directory or a run directory.
+    """Find the model directory of a zoo name, a model directory, a run directory or a run's pointer file.
+
+    A run directory gives its best checkpoint, else its latest; its ``checkpoints/best``
+    (or ``latest``) file gives the checkpoint that file names.
 
     Raises:
         CheckpointError: when nothing loadable is there (lists the zoo names).
@@ -87,19 +90,26 @@ def resolve(path_or_name: str | os.PathLike[str]) -> Path:
     path = Path(path_or_name)
     if (path / CONFIG_FILE).is_file():
         return path
-    pointers = path / "checkpoints"
-    for pointer in ("best", "latest"):
-        f = pointers / pointer
+    # A run directory's checkpoints/best or checkpoints/latest pointer file, or the run directory itself.
+    pointer_files = [path] if path.is_file() else [path / "checkpoints" / p for p in ("best", "latest")]
+    dangling = []
+    for f in pointer_files:
         if f.is_file():
-            target = pointers / f.read_text(encoding="utf-8").strip()
+            target = f.parent / f.read_text(encoding="utf-8").strip()
             if (target / CONFIG_FILE).is_file():
                 return target
+            dangling.append(f"{f} names {target.name!r}, which holds no model")
     zoo = zoo_root() / str(path_or_name)
     if (zoo / CONFIG_FILE).is_file():
         return zoo
+    if dangling:
+        present = sorted(d.name for d in pointer_files[0].parent.glob("step-*") if (d / CONFIG_FILE).is_file())
+        raise CheckpointError(f"no model at {str(path_or_name)!r}: {'; '.join(dangling)}; pass a checkpoint directory "
+                              f"instead (there: {present or 'none'})")
     raise CheckpointError(
         f"no model at {str(path_or_name)!r}: expected a directory with {CONFIG_FILE} and {WEIGHTS_FILE}, a run "
-        f"directory with checkpoints/, or a zoo name ({', '.join(list_zoo()) or 'none packaged'})"
+        f"directory with checkpoints/ (or its checkpoints/best file), or a zoo name "
+        f"({', '.join(list_zoo()) or 'none packaged'})"
     )
 
 

@@ -116,3 +116,89 @@ def test_train_without_config_needs_a_saved_run(tmp_path, capsys):
     (tmp_path / "bad" / "run_config.json").write_text("{not json")
     assert main(["train", "--run-dir", str(tmp_path / "bad")]) == 2
     assert "is not valid JSON" in capsys.readouterr().err
+
+
+@pytest.fixture
+def trained_run(tmp_path_factory, capsys):
+    run = tmp_path_factory.mktemp("runs") / "proto"
+    assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(run), *CLUSTERS]) == 0
+    capsys.readouterr()
+    return run
+
+
+def test_eval_episode_sizes_default_to_the_models_and_zero_is_an_error(trained_run, capsys):
+    # No --queries: the model's eval.queries (3 here), as at the end of training; the run's test result agrees.
+    assert main(["eval", "--checkpoint", str(trained_run), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["mean"] == json.loads((trained_run / "test_result.json").read_text())["mean"]
+    for flag in ("--ways", "--shots", "--queries"):  # 0 used to fall back to the default silently
+        assert main(["eval", "--checkpoint", str(trained_run), flag, "0"]) == 2
+        assert "must be a positive integer" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(trained_run), "--episodes", "0"]) == 2
+    assert "--episodes must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_checkpoint_pointer_files_load_and_dangling_ones_say_so(trained_run, capsys):
+    # The README's `--init runs/.../checkpoints/best`: the pointer file stands for the checkpoint it names.
+    assert main(["eval", "--checkpoint", str(trained_run / "checkpoints" / "best"), "--episodes", "2"]) == 0
+    capsys.readouterr()
+    (trained_run / "checkpoints" / "best").write_text("step-00000099\n")
+    assert main(["eval", "--checkpoint", str(trained_run / "checkpoints" / "best")]) == 2
+    err = capsys.readouterr().err
+    assert "names 'step-00000099', which holds no model" in err and "step-00000006" in err
+
+
+def test_resume_with_a_dangling_latest_pointer_refuses_and_keeps_the_checkpoints(trained_run, capsys):
+    (trained_run / "checkpoints" / "latest").write_text("step-00000099\n")
+    assert main(["train", "--run-dir", str(trained_run), "train.steps=9"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "names 'step-00000099', which is not there" in err and "--restart" in err
+    assert (trained_run / "checkpoints" / "step-00000006").is_dir()  # nothing deleted
+    (trained_run / "checkpoints" / "latest").unlink()
+    assert main(["train", "--run-dir", str(trained_run), "train.steps=9"]) == 2
+    assert "is missing, but the run has checkpoints ['step-00000006']" in capsys.readouterr().err
+    (trained_run / "checkpoints" / "latest").write_text("step-00000006\n")
+    assert main(["train", "--run-dir", str(trained_run), "train.steps=9"]) == 0  # fixed as the message says
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=-1", "train.lr must be > 0, got -1.0"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be >= 0"),
+    ("device=gpu", "unknown device 'gpu'; use cpu, cuda, cuda:N or mps"),
+    ("train.steps=0", "train.steps must be >= 1, got 0"),
+    ("eval.episodes=0", "eval.episodes must be >= 1, got 0"),
+    ("train.val_every=0", r"val_every must be > 0, got 0 \(train.\* in a config\)"),
+    ("data.args={foo: 1}", r"dataset 'clusters' takes no argument 'foo': check data.args {'foo': 1} \(a preset's"),
+])
+def test_bad_training_settings_are_named_before_training(tmp_path, capsys, override, message):
+    import re
+
+    assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(tmp_path / "r"), *CLUSTERS,
+                 override]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_unavailable_cuda_is_a_clear_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["eval", "--checkpoint", "protonet-omniglot-5w1s", "--device", "cuda"]) == 2
+    assert "has no CUDA GPU; use device=cpu" in capsys.readouterr().err
+
+
+def test_eval_of_a_fixed_head_on_other_ways_and_transduction_without_batchnorm(tmp_path, capsys):
+    run = tmp_path / "maml"
+    maml = ["model.learner=maml", "model.learner_args={inner_lr: 0.4, inner_steps: 1}",
+            "model.backbone_args={in_channels: 1, hidden: 8, image_size: 16, num_classes: 5}", *CLUSTERS[1:]]
+    assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(run), *maml]) == 0
+    capsys.readouterr()
+    for ways in ("8", "3"):  # 8 used to end in "IndexError: Target 5 is out of bounds"; 3 ran on 5 logits
+        assert main(["eval", "--checkpoint", str(run), "--ways", ways, "--episodes", "2"]) == 2
+        assert f"episodes are {ways}-way" in capsys.readouterr().err
+    sine = tmp_path / "sine"
+    assert main(["train", "--config", "sinusoid/maml_k5", "--run-dir", str(sine), "train.steps=2", "train.val_every=2",
+                 "train.val_episodes=2", "eval.episodes=2"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(sine), "--transductive", "--episodes", "2"]) == 2
+    assert "has no BatchNorm layer" in capsys.readouterr().err

@@ -180,3 +180,88 @@ def test_options_that_do_not_apply(data, capsys):
     assert "is neither a model" in err and "nor a backbone name (conv4, " in err
     assert run(data, "--mode", "full", "--lp-epochs", "3") == 2
     assert "--lp-epochs applies to --mode lpft only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode, freeze, message", [
+    ("full", ["backbone", "head"], ("nothing left to train: --freeze backbone head covers every parameter that "
+                                   "--mode full trains (all of backbone.* and head.*)")),
+    # Linear probing trains the head: freezing it leaves nothing, whatever the backbone patterns.
+    ("linear", ["head"], ("nothing left to train: --freeze head covers every parameter that --mode linear trains "
+                         "(the head, head.*")),
+    ("lpft", ["head.*", "backbone"], ("nothing left to train: --freeze head.* backbone covers every parameter that "
+                                     "--mode lpft trains")),
+    ("lpft", ["head"], "--freeze head covers the whole head, so the linear probe of --mode lpft would train nothing"),
+])
+def test_freeze_that_leaves_nothing_to_train(data, capsys, mode, freeze, message):
+    assert run(data, "--mode", mode, "--freeze", *freeze, "--test", str(data["test"]), "--epochs", "3") == 2
+    err = capsys.readouterr().err
+    assert f"metaxfer finetune: error: {message}" in err
+    assert not data["out"].exists()  # refused before training: no model with untrained weights saved
+
+
+def test_freeze_that_leaves_part_of_the_head_trains(data, capsys):
+    assert run(data, "--mode", "linear", "--freeze", "head.bias", "--epochs", "1") == 0
+    assert metaxfer.load(data["out"]).card["card"]["finetune"]["freeze"] == ["head.bias", "backbone"]
+
+
+def test_layer_lr_on_parameters_that_do_not_train(data, capsys):
+    assert run(data, "--mode", "linear", "--layer-lr", "backbone=0.001") == 2
+    assert "--layer-lr pattern(s) 'backbone' match only parameters that do not train" in capsys.readouterr().err
+    assert not data["out"].exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "-1", "--lr must be > 0 (a learning rate such as 0.01), got -1.0"),
+    ("--lr", "0", "--lr must be > 0"),  # trains nothing
+    ("--lr", "nan", "--lr must be > 0"),  # turns every weight into nan
+    ("--lp-lr", "-0.5", "--lp-lr must be > 0"),
+    ("--momentum", "-1", "--momentum must be >= 0 and < 1"),
+    ("--momentum", "1", "--momentum must be >= 0 and < 1"),
+    ("--weight-decay", "-0.0001", "--weight-decay must be >= 0"),
+])
+def test_numeric_option_out_of_range(data, capsys, option, value, message):
+    assert run(data, option, value) == 2
+    err = capsys.readouterr().err
+    assert f"metaxfer finetune: error: {message}" in err and "Traceback" not in err
+    assert not data["out"].exists()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("backbone=abc", "--layer-lr backbone=abc needs a learning rate, a number > 0, e.g. --layer-lr backbone=0.001"),
+    ("backbone=-0.1", "--layer-lr backbone=-0.1 needs a learning rate, a number > 0"),
+    ("backbone=true", "--layer-lr backbone=true needs a learning rate"),
+    ("backbone", "--layer-lr 'backbone' must look like KEY=VALUE, e.g. --layer-lr backbone=0.001"),
+])
+def test_bad_layer_lr(data, capsys, value, message):
+    assert run(data, "--layer-lr", value) == 2
+    err = capsys.readouterr().err
+    assert f"metaxfer finetune: error: {message}" in err and "hidden" not in err
+
+
+def test_backbone_arg_without_value_has_its_own_example(data, capsys):
+    assert run(data, "--backbone-arg", "hidden", "--image-size", "16", model="conv4") == 2
+    assert "--backbone-arg 'hidden' must look like KEY=VALUE, e.g. --backbone-arg hidden=64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, message", [
+    ("hidden=abc", ("--backbone-arg hidden=abc: backbone 'conv4' expects an integer for 'hidden', got 'abc' (str) "
+                   "(its default: --backbone-arg hidden=64)")),
+    ("num_classes=x", ("--backbone-arg num_classes=x: backbone 'conv4' expects an integer or null for "
+                      "'num_classes', got 'x'")),
+    ("foo=1", "backbone 'conv4' has no argument 'foo' (--backbone-arg foo=1); it takes: in_channels, hidden, "),
+    # Values of the right kind that the constructor refuses: its reason, with the arguments it was given.
+    ("norm=abc", "backbone 'conv4' cannot be built with norm='abc', in_channels=3: norm must be 'batchnorm'"),
+    ("hidden=-1", "backbone 'conv4' cannot be built with hidden=-1, in_channels=3: "),
+])
+def test_bad_backbone_arg_is_named(data, capsys, value, message):
+    assert run(data, "--backbone-arg", value, "--image-size", "16", model="conv4") == 2
+    err = capsys.readouterr().err
+    assert f"metaxfer finetune: error: {message}" in err and "Traceback" not in err
+
+
+def test_pretrained_for_a_backbone_without_weights(data, capsys):
+    assert run(data, "--pretrained", "--image-size", "32", model="conv4") == 2
+    err = capsys.readouterr().err
+    assert ("backbone 'conv4' has no pretrained weights, so --pretrained does not apply: drop it to train from "
+            "random weights, or use a backbone that has them (efficientnet_lite0)") in err
+    assert "unexpected keyword" not in err and "--backbone-arg" not in err

@@ -142,3 +142,18 @@ def test_model_without_preprocessing(folders, tmp_path, capsys):
     metaxfer.save(build_learner(spec), tmp_path / "bare")
     assert main(["predict", "--model", str(tmp_path / "bare"), "--support", str(support), "--query", str(query)]) == 2
     assert "carries no image preprocessing" in capsys.readouterr().err
+
+
+def test_regression_model_cannot_classify_images(folders, tmp_path, capsys):
+    """A sinusoid model trained with `metaxfer train` is a regression model, not one missing its preprocessing."""
+    support, query = folders
+    run = tmp_path / "sin"
+    assert main(["train", "--config", "sinusoid/maml_k5", "train.steps=3", "train.val_every=3",
+                 "train.val_episodes=3", "eval.episodes=3", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--model", str(run), "--support", str(support), "--query", str(query),
+                 "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "metaxfer predict: error: this model is a regression model (trained on sinusoid tasks)" in err
+    assert "cannot classify images" in err and "carries no image preprocessing" not in err
+    assert not (tmp_path / "p.csv").exists()

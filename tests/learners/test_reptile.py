@@ -322,7 +322,7 @@ def test_build_from_config_dict_and_save_load_roundtrip(tmp_path) -> None:
     assert isinstance(loaded, Reptile) and loaded.eval_inner_steps == 9 and loaded.inner_lr == 0.002
     for (k, a), (_, b) in zip(learner.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
-    with pytest.raises(ConfigError, match="bad learner_args for 'reptile'"):
+    with pytest.raises(ConfigError, match="bad learner_args {'inner_stepz': 3} for 'reptile': learner 'reptile' takes no argument 'inner_stepz'"):
         metaxfer.build_learner({**spec, "learner_args": {"inner_stepz": 3}})
     assert isinstance(create_learner("reptile", mlp(), loss="mse"), Reptile)
 

@@ -40,17 +40,21 @@ Example:
 from __future__ import annotations
 
 import argparse
+import collections.abc
+import inspect
 import logging
 import math
 import shlex
 import sys
 import time
+import types
+import typing
 import warnings
 from pathlib import Path
 from typing import Any
 
 from metaxfer.config import load_yaml
-from metaxfer.errors import CheckpointError, ConfigError, DataError
+from metaxfer.errors import CheckpointError, ConfigError, DataError, MetaxferError
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +62,51 @@ MODES = ("linear", "full", "lpft")
 _EVAL_BATCH = 256  # images per forward pass when measuring accuracy
 
 
-def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
-    """``["key=value", ...]`` with YAML-parsed values (``pretrained=true``, ``hidden=4``)."""
+def _key_values(items: list[str] | None, flag: str, example: str) -> dict[str, Any]:
+    """``["key=value", ...]`` with YAML-parsed values (``pretrained=true``, ``hidden=4``).
+
+    ``example`` is a valid ``KEY=VALUE`` of ``flag`` for the error message (each option has its own keys).
+    """
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"{flag} {item!r} must look like KEY=VALUE, e.g. {flag} hidden=64")
+            raise ConfigError(f"{flag} {item!r} must look like KEY=VALUE, e.g. {flag} {example}")
         key, raw = item.split("=", 1)
         out[key.strip()] = load_yaml(raw) if raw else None
     return out
+
+
+def _layer_lrs(items: list[str] | None) -> dict[str, float]:
+    """``--layer-lr PATTERN=LR`` values as ``{pattern: learning rate}``, each a finite number > 0."""
+    out: dict[str, float] = {}
+    for pattern, value in _key_values(items, "--layer-lr", "backbone=0.001").items():
+        lr = math.nan
+        # YAML reads `true` as a bool and an empty value as None: neither is a rate (float(True) would be 1.0).
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                lr = float(value)  # PyYAML leaves 1e-3 a string: float() reads it
+            except ValueError:
+                lr = math.nan
+        if not 0 < lr < math.inf:
+            shown = "" if value is None else _yaml_value(value)
+            raise ConfigError(f"--layer-lr {pattern}={shown} needs a learning rate, a number > 0, e.g. --layer-lr "
+                              f"{pattern or 'backbone'}=0.001 (to keep parameters fixed, use --freeze)")
+        out[pattern] = lr
+    return out
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Reject numeric options that torch would answer with a traceback, or that would train silently wrong."""
+    for flag, value in (("--lr", args.lr), ("--lp-lr", args.lp_lr)):
+        # nan passes torch's `lr < 0` check and turns every weight into nan; 0 trains nothing.
+        if value is not None and not 0 < value < math.inf:
+            raise ConfigError(f"{flag} must be > 0 (a learning rate such as 0.01), got {value}")
+    if not 0 <= args.momentum < 1:
+        # Momentum >= 1 never forgets old gradients: the updates grow without bound instead of converging.
+        raise ConfigError(f"--momentum must be >= 0 and < 1 (0.9 is usual, 0 for plain SGD), got {args.momentum}")
+    if not 0 <= args.weight_decay < math.inf:
+        # A negative decay pushes weights away from zero, growing them every step.
+        raise ConfigError(f"--weight-decay must be >= 0 (e.g. 0.0005; 0 for none), got {args.weight_decay}")
 
 
 def _feature_args(args: dict[str, Any]) -> dict[str, Any]:
@@ -90,8 +130,100 @@ def _create(name: str, args: dict[str, Any]) -> Any:
 
     try:
         return create(name, **args)
-    except TypeError as e:
-        raise ConfigError(f"bad arguments for backbone {name!r}: {e}; check --backbone-arg") from None
+    except MetaxferError:
+        raise  # already says what to change (missing weights package, bad MLP widths, ...)
+    except (TypeError, ValueError, RuntimeError) as e:
+        # A value the constructor cannot use (hidden=-1, norm='abc') surfaces from deep inside torch; name
+        # the arguments so the message points at the option to change.
+        shown = ", ".join(f"{k}={v!r}" for k, v in args.items()) or "no arguments"
+        raise ConfigError(f"backbone {name!r} cannot be built with {shown}: {e}; "
+                          "check --backbone-arg") from None
+
+
+def _backbone_params(name: str) -> tuple[dict[str, inspect.Parameter], dict[str, Any]] | None:
+    """The keyword arguments backbone ``name`` takes and their annotations (``None`` if unknowable)."""
+    from metaxfer.backbones.registry import BACKBONES
+
+    return BACKBONES.parameters(name)
+
+
+def _kind(annotation: Any) -> tuple[Any, str] | None:
+    """``(check(value) -> bool, description)`` of a parameter annotation, or ``None`` for one we cannot check."""
+    if annotation is bool:
+        return (lambda v: isinstance(v, bool)), "true or false"
+    if annotation is int:
+        return (lambda v: isinstance(v, int) and not isinstance(v, bool)), "an integer"
+    if annotation is float:
+        return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"
+    if annotation is str:
+        return (lambda v: isinstance(v, str)), "a string"
+    if annotation is type(None):
+        return (lambda v: v is None), "null"
+    origin, members = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [_kind(m) for m in members]
+        if any(k is None for k in kinds):
+            return None
+        return (lambda v: any(check(v) for check, _ in kinds)), " or ".join(d for _, d in kinds)  # type: ignore[misc]
+    if origin in (list, tuple, collections.abc.Sequence) and len(members) in (1, 2):
+        if len(members) == 2 and members[1] is not Ellipsis:
+            return None  # a fixed-length tuple: not worth describing
+        item = _kind(members[0])
+        if item is None:
+            return None
+        check, description = item
+        plural = {"an integer": "integers", "a number": "numbers", "a string": "strings"}.get(description)
+        if plural is None:
+            return None
+        return (lambda v: isinstance(v, (list, tuple)) and all(check(x) for x in v)), f"a list of {plural}"
+    return None
+
+
+def _yaml_value(value: Any) -> str:
+    """``value`` as a ``KEY=VALUE`` command-line value reads it back (``true``, ``[40,40]``, ``batchnorm``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(_yaml_value, value)) + "]"
+    return str(value)
+
+
+def _takes_pretrained(name: str) -> bool:
+    """Whether backbone ``name`` has a ``pretrained`` argument (weights to load), from its signature alone."""
+    found = _backbone_params(name)
+    return found is not None and "pretrained" in found[0]
+
+
+def _check_backbone_args(name: str, args: dict[str, Any], pretrained: bool) -> None:
+    """Check ``--backbone-arg`` names and kinds and ``--pretrained`` against backbone ``name``'s signature.
+
+    A wrong kind otherwise fails deep inside torch with a message that names neither the argument nor its
+    value (``hidden='abc'`` gives "not all arguments converted during string formatting").
+    """
+    from metaxfer.backbones.registry import list_backbones
+
+    found = _backbone_params(name)
+    if found is None:
+        return  # a factory taking **kwargs we cannot see through: the constructor's own error is reported
+    params, hints = found
+    if pretrained and "pretrained" not in params:
+        others = [b for b in list_backbones() if _takes_pretrained(b)]
+        raise ConfigError(f"backbone {name!r} has no pretrained weights, so --pretrained does not apply: drop it to "
+                          "train from random weights"
+                          + (f", or use a backbone that has them ({', '.join(others)})" if others else ""))
+    unknown = [k for k in args if k not in params]
+    if unknown:
+        given = " ".join(f"--backbone-arg {k}={_yaml_value(args[k])}" for k in unknown)
+        raise ConfigError(f"backbone {name!r} has no argument {', '.join(map(repr, unknown))} ({given}); "
+                          f"it takes: {', '.join(params)}")
+    for key, value in args.items():
+        kind = _kind(hints.get(key))
+        if kind is not None and not kind[0](value):
+            default = params[key].default
+            example = ("" if default is inspect.Parameter.empty or default is None
+                       else f" (its default: --backbone-arg {key}={_yaml_value(default)})")
+            raise ConfigError(f"--backbone-arg {key}={_yaml_value(value)}: backbone {name!r} expects {kind[1]} "
+                              f"for {key!r}, got {value!r} ({type(value).__name__}){example}")
 
 
 def _find_backbone(learner: Any, name: str, args: dict[str, Any]) -> Any:
@@ -173,6 +305,7 @@ def load_source(model: str, backbone_args: dict[str, Any] | None = None, pretrai
     if model not in list_backbones():
         raise ConfigError(f"--model {model!r} is neither a model (zoo: {', '.join(list_zoo()) or 'none'}; or a model / "
                           f"run directory) nor a backbone name ({', '.join(list_backbones())})")
+    _check_backbone_args(model, backbone_args, pretrained)
     if pretrained:
         backbone_args["pretrained"] = True
     preprocess: dict[str, Any] | None = None
@@ -220,6 +353,38 @@ def _accuracy(model: Any, x: Any, y: Any, device: str) -> tuple[float, float, in
     correct = (logits.argmax(-1).cpu() == y).float().mul(100).tolist()
     mean, ci, _ = mean_ci95(correct)
     return mean, ci, len(correct)
+
+
+def _check_trainable(model: Any, mode: str, freeze: list[str], frozen: set[str], layer_lr_hits: dict[str, list[str]],
+                     lp_epochs: int) -> None:
+    """Refuse a ``--freeze`` that leaves a stage nothing to train, and ``--layer-lr`` patterns on untrained parameters.
+
+    What each mode trains (see :func:`metaxfer.transfer.finetune`): ``linear`` the head only (the backbone is
+    frozen on top of ``--freeze``); ``full`` every parameter; ``lpft`` the head in its linear probe, then every
+    parameter. Otherwise the run "trains" fixed weights, reports the untouched model's accuracy and saves it.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    head = [n for n in names if n.startswith("head.")]
+    trained = [n for n in (head if mode == "linear" else names) if n not in frozen]
+    patterns = " ".join(freeze)
+    if not trained:
+        what = {"linear": "the head, head.*: linear probing always keeps the backbone fixed",
+                "full": "all of backbone.* and head.*",
+                "lpft": "the head, head.*, in the linear probe, then all of backbone.* and head.*"}[mode]
+        fix = ("drop the head from --freeze (--mode linear already keeps the backbone fixed)" if mode == "linear"
+               else "freeze less, e.g. --freeze backbone to keep the features and train the head")
+        raise ConfigError(f"nothing left to train: --freeze {patterns} covers every parameter that --mode {mode} "
+                          f"trains ({what}); {fix}")
+    if mode == "lpft" and lp_epochs > 0 and all(n in frozen for n in head):
+        raise ConfigError(f"--freeze {patterns} covers the whole head, so the linear probe of --mode lpft would "
+                          "train nothing and the full fine-tuning would start from a random head; use --mode full "
+                          "to fine-tune the backbone under the fixed head, or unfreeze the head")
+    untrained = [p for p, hits in layer_lr_hits.items() if not set(hits) & set(trained)]
+    if untrained:
+        why = "frozen by --freeze" + (", or in the backbone, which --mode linear keeps fixed" if mode == "linear"
+                                      else "")
+        raise ConfigError(f"--layer-lr pattern(s) {', '.join(map(repr, untrained))} match only parameters that do not "
+                          f"train ({why}); drop those --layer-lr options")
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -275,17 +440,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ConfigError(f"--shift must be >= 0 pixels, got {args.shift}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_numbers(args)
     if args.lp_epochs is not None and args.mode != "lpft":
         raise ConfigError(f"--lp-epochs applies to --mode lpft only (got --mode {args.mode}); drop it")
     out = Path(args.out)
     _check_out(out, args.overwrite)
-    layer_lrs = {k: float(v) for k, v in _key_values(args.layer_lr, "--layer-lr").items()}
+    layer_lrs = _layer_lrs(args.layer_lr)
     image = {k: v for k, v in (("size", args.image_size), ("mode", args.image_mode), ("invert", args.invert))
              if v is not None}
     torch.manual_seed(args.seed)  # dropout in --train-mode; the head and the batch order have their own generators
     t0 = time.perf_counter()
     backbone, name, feature_args, preprocess = load_source(
-        args.model, _key_values(args.backbone_arg, "--backbone-arg"), args.pretrained, image or None)
+        args.model, _key_values(args.backbone_arg, "--backbone-arg", "hidden=64"), args.pretrained, image or None)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -310,14 +476,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     dim, ways = int(features.shape[1]), len(class_names)
     head = new_head(args.head, dim, ways, generator=torch.Generator().manual_seed(args.seed))
     model = BodyHead(backbone, head).to(args.device)
+    lp_epochs = args.epochs if args.lp_epochs is None else args.lp_epochs
     # Check every pattern before training: a typo must not cost a run.
-    match_parameters(model, args.freeze, "--freeze pattern")
-    match_parameters(model, list(layer_lrs), "--layer-lr pattern")
+    frozen = match_parameters(model, args.freeze, "--freeze pattern")
+    _check_trainable(model, args.mode, args.freeze, {n for hits in frozen.values() for n in hits},
+                     match_parameters(model, list(layer_lrs), "--layer-lr pattern"), lp_epochs)
 
     n = train_x.shape[0]
     per_epoch = 1 if args.batch_size >= n else n // args.batch_size  # finetune() draws whole batches per pass
     steps = args.epochs * per_epoch
-    lp_epochs = args.epochs if args.lp_epochs is None else args.lp_epochs
     lp_steps = lp_epochs * per_epoch if args.mode == "lpft" else 0
     freeze = [*args.freeze, "backbone"] if args.mode == "linear" else list(args.freeze)
 

@@ -105,6 +105,7 @@ def _train_and_test(args: argparse.Namespace) -> int:
         build_optimizer,
         build_sampler,
         build_scheduler,
+        check_device,
     )
     from metaxfer.evaluate import evaluate
     from metaxfer.hub import WEIGHTS_FILE, load, load_weights, resolve
@@ -113,7 +114,11 @@ def _train_and_test(args: argparse.Namespace) -> int:
 
     tune_allocator()
     cfg, run_dir = _run_config(args)
-    device = distributed.setup(cfg.device)  # joins the process group under torchrun (cuda -> cuda:LOCAL_RANK)
+    if cfg.train.steps < 1:
+        raise ConfigError(f"train.steps must be >= 1, got {cfg.train.steps}: a run needs a trained checkpoint to test")
+    if cfg.eval.episodes < 1 and not args.no_test:
+        raise ConfigError(f"eval.episodes must be >= 1, got {cfg.eval.episodes} (or pass --no-test)")
+    device = distributed.setup(check_device(cfg.device))  # joins the process group under torchrun (cuda -> cuda:LOCAL_RANK)
     main = distributed.is_main()
     if main and args.config and not args.restart:
         _warn_if_config_changed(run_dir, cfg)
@@ -173,13 +178,18 @@ def _train_and_test(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint or zoo model on fixed test episodes of the data it was trained on."""
-    from metaxfer.build import build_sampler
+    from torch import nn
+
+    from metaxfer.build import build_sampler, check_device
     from metaxfer.config import RunConfig, config_from_dict
     from metaxfer.evaluate import evaluate
     from metaxfer.hub import load
     from metaxfer.runtime import tune_allocator
 
     tune_allocator()
+    check_device(args.device)
+    if args.episodes is not None and args.episodes < 1:
+        raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
     learner = load(args.checkpoint, device=args.device)
     if args.inner_steps is not None:
         if not hasattr(learner, "eval_inner_steps"):
@@ -188,6 +198,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--inner-steps must be >= 0, got {args.inner_steps}")
         learner.eval_inner_steps = args.inner_steps
     if args.transductive:
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in learner.modules()):
+            raise ConfigError(f"--transductive changes how BatchNorm normalises queries, and {args.checkpoint} has no "
+                              "BatchNorm layer: its result would be the plain one; drop --transductive")
         learner.set_transductive(True)
     run_cfg = learner.card.get("run_config")
     # The data and episode sizes the model was trained and tested with, unless overridden.
@@ -196,10 +209,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data_root:
         data_cfg.root = args.data_root
     split = args.split or data_cfg.test_split
-    ways = args.ways or cfg.eval.ways
-    shots = args.shots or cfg.eval.shots
-    sampler = build_sampler(data_cfg, split, ways, shots, args.queries, args.seed)
-    episodes = sampler.fixed_episodes(args.episodes, seed=args.seed)
+    # `is None`, not `or`: an explicit --ways 0 must reach the sampler's check, not become the default.
+    ways = cfg.eval.ways if args.ways is None else args.ways
+    shots = cfg.eval.shots if args.shots is None else args.shots
+    queries = cfg.eval.queries if args.queries is None else args.queries
+    n = cfg.eval.episodes if args.episodes is None else args.episodes
+    seed = cfg.eval.seed if args.seed is None else args.seed
+    sampler = build_sampler(data_cfg, split, ways, shots, queries, seed)
+    episodes = sampler.fixed_episodes(n, seed=seed)
     res = evaluate(learner, episodes, protocol=_protocol(data_cfg, split), device=args.device, progress=args.progress)
     if args.json:
         print(json.dumps({**res.to_dict(), "checkpoint": str(args.checkpoint)}, indent=2))
@@ -252,9 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run or model directory, or a zoo name (see `metaxfer models`)")
     p.add_argument("--ways", type=int, help="classes per episode (default: the model's eval config)")
     p.add_argument("--shots", type=int, help="support examples per class (default: the model's eval config)")
-    p.add_argument("--queries", type=int, default=15, help="query examples per class (default 15)")
-    p.add_argument("--episodes", type=int, default=600, help="number of fixed episodes (default 600)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fixed episodes (default 0)")
+    p.add_argument("--queries", type=int, help="query examples per class (default: the model's eval config)")
+    p.add_argument("--episodes", type=int, help="number of fixed episodes (default: the model's eval config, 600 "
+                   "for the presets)")
+    p.add_argument("--seed", type=int, help="seed of the fixed episodes (default: the model's eval config, 0)")
     p.add_argument("--split", help="dataset split (default: the model's test split)")
     p.add_argument("--data-root", help="dataset folder (default: $METAXFER_DATA/<dataset>)")
     p.add_argument("--device", default="cpu")

@@ -56,11 +56,12 @@ def predict_folder(
         reported in one :class:`~metaxfer.data.image_folder.UnreadableImageWarning`).
 
     Raises:
-        ConfigError: the learner carries no preprocessing.
+        ConfigError: a regression model (it has no classes), or a learner that carries no preprocessing.
         DataError: a bad support folder (see :class:`~metaxfer.data.image_folder.ImageFolder`),
             or a query folder with no readable image.
     """
     import torch
+    import torch.nn.functional as F
 
     from metaxfer.data.image_folder import (
         ImageFolder,
@@ -70,6 +71,17 @@ def predict_folder(
     )
     from metaxfer.data.images import ImagePreprocess
 
+    if getattr(learner, "loss_fn", None) is F.mse_loss:
+        # A MAML-family learner built with loss=mse fits real-valued outputs (sinusoid regression): it has no
+        # classes, so asking for image preprocessing (the message below) would send the user the wrong way.
+        data = (getattr(learner, "card", None) or {}).get("data")
+        dataset = data.get("dataset") if isinstance(data, dict) else None
+        raise ConfigError(
+            f"this model is a regression model{f' (trained on {dataset} tasks)' if dataset else ''}: it predicts "
+            "real-valued outputs, fitted with the mean squared error, not classes, so it cannot classify images; "
+            "use a classification model: a zoo model (see `metaxfer models`) or one trained with `metaxfer train` "
+            "on an image dataset"
+        )
     pre = getattr(learner, "preprocessor", None)
     if not isinstance(pre, ImagePreprocess):
         raise ConfigError(

@@ -45,6 +45,41 @@ def _forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, num_supp
         return torch.func.functional_call(model, (dict(params), without_running_stats(model)), (x,), strict=False)
 
 
+def check_output_ways(model: nn.Module, params: Mapping[str, Tensor], support_x: Tensor, support_y: Tensor,
+                      checked: set[int]) -> None:
+    """Fail early, with the fix, when ``model``'s logits do not match the task's number of ways.
+
+    A fixed-size head trained 5-way would otherwise fail deep inside the loss
+    (``IndexError: Target 5 is out of bounds``) on a 20-way task, or silently
+    spread a 3-way task over 5 logits. One forward pass per new number of ways
+    (remembered in ``checked``); regression targets are not checked.
+
+    Args:
+        model: maps ``[N, *x_shape]`` to ``[N, ways]`` logits.
+        params: its weights, as for :func:`torch.func.functional_call`.
+        support_x: ``[S, *x_shape]`` one task's support inputs.
+        support_y: ``[S]`` labels ``0 .. ways-1``.
+        checked: numbers of ways already found to match (updated).
+
+    Raises:
+        EpisodeError: naming the model's output shape and the ways it needs.
+    """
+    if support_y.is_floating_point() or support_y.numel() == 0:
+        return
+    ways = int(support_y.max().item()) + 1
+    if ways in checked:
+        return
+    with torch.no_grad():
+        out = _forward(model, params, support_x, None)
+    if out.dim() != 2 or out.shape[1] != ways:
+        raise EpisodeError(
+            f"the model outputs shape {tuple(out.shape)} for {support_x.shape[0]} support examples, but the "
+            f"episodes are {ways}-way: its last layer must output [N, {ways}] logits (e.g. Conv4(num_classes={ways})); "
+            f"a model trained with a {out.shape[-1]}-way head can only be used on {out.shape[-1]}-way tasks"
+        )
+    checked.add(ways)
+
+
 def query_outputs(model: nn.Module, params: Mapping[str, Tensor], support_x: Tensor, query_x: Tensor,
                   transductive: bool = False) -> Tensor:
     """Outputs ``[Q, ...]`` of ``model`` with ``params`` on ``query_x [Q, *x_shape]`` under the BatchNorm policy.
@@ -349,22 +384,10 @@ class MAML(Learner):
         out = self._query_outputs({**fixed, **adapted}, support_x, query_x)
         return self.loss_fn(out, query_y), out.detach(), inner_losses
 
-    def _check_outputs(self, batch: Episode) -> None:
-        """Fail early, with the fix, when the model's outputs do not match the episodes' ways."""
-        if batch.support_y.dtype.is_floating_point:
-            return
-        ways = batch.ways
-        if ways in self._checked_ways:
-            return
-        with torch.no_grad():
-            params, fixed = self._split_params(detach=True)
-            out = _forward(self.model, {**fixed, **params}, batch.support_x[0], None)
-        if out.dim() != 2 or out.shape[1] != ways:
-            raise EpisodeError(
-                f"the model outputs shape {tuple(out.shape)} for {batch.support_x.shape[1]} support examples, but the "
-                f"episodes are {ways}-way: its last layer must output [N, {ways}] logits (e.g. Conv4(num_classes={ways}))"
-            )
-        self._checked_ways.add(ways)
+    def _check_outputs(self, support_x: Tensor, support_y: Tensor) -> None:
+        """:func:`check_output_ways` on one task (``[S, *x_shape]``, ``[S]``) with the learner's weights."""
+        params, fixed = self._split_params(detach=True)
+        check_output_ways(self.model, {**fixed, **params}, support_x, support_y, self._checked_ways)
 
     @staticmethod
     def _raise_on_nonfinite(inner_losses: Tensor) -> None:
@@ -395,7 +418,7 @@ class MAML(Learner):
             NonFiniteLossError: a support loss became NaN/inf (names task and step).
         """
         batch = batch.batch()
-        self._check_outputs(batch)
+        self._check_outputs(batch.support_x[0], batch.support_y[0])
         params, fixed = self._split_params(detach=False)
         lr = self._inner_lr(detach=False)
         vectorize = self.vectorize if self.vectorize is not None else (
@@ -443,8 +466,10 @@ class MAML(Learner):
             holding detached adapted parameters.
 
         Raises:
+            EpisodeError: the model's output size differs from the task's ways.
             NonFiniteLossError: the support loss became NaN/inf (names the step).
         """
+        self._check_outputs(support_x, support_y)
         # Detached inputs: the inner gradients come from torch.func.grad (which works under an
         # outer no_grad too), and no graph back to the learner's parameters is built.
         params, fixed = self._split_params(detach=True)

@@ -29,6 +29,7 @@ from metaxfer.learners.base import Learner
 from metaxfer.learners.gradient import (
     AdaptedPredictor,
     LossFn,
+    check_output_ways,
     loss_by_name,
     support_loss_of,
 )
@@ -216,6 +217,7 @@ class Reptile(Learner):
         self.transductive = bool(transductive)
         self.loss_fn = loss_fn
         self.last_metrics: dict[str, float] = {}
+        self._checked_ways: set[int] = set()
 
     @property
     def persistent_inner_state(self) -> bool:
@@ -272,6 +274,7 @@ class Reptile(Learner):
             batch = _shuffle_support(batch)
         live, _ = split_params(self.model, detach=False)
         params, frozen = split_params(self.model, detach=True)
+        check_output_ways(self.model, {**frozen, **params}, batch.support_x[0], batch.support_y[0], self._checked_ways)
         # No outer graph: phi is a constant target (first order), so the inner loop needs no
         # autograd tape beyond torch.func.grad's own, and its memory does not grow with the tasks.
         state = None if self.inner_state is None else self.inner_state.get()
@@ -298,6 +301,7 @@ class Reptile(Learner):
             of the adapted parameters (queries normalised with support statistics).
         """
         params, frozen = split_params(self.model, detach=True)
+        check_output_ways(self.model, {**frozen, **params}, support_x, support_y, self._checked_ways)
         inner = None if self.inner_state is None else self.inner_state.get()
         with torch.no_grad():
             adapted, _ = self._adapt_params(params, frozen, support_x, support_y, self.eval_inner_steps, state=inner)

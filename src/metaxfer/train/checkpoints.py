@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from metaxfer.atomic import atomic_write_text
+from metaxfer.errors import CheckpointError
 from metaxfer.train.state import load_state
 
 
@@ -53,9 +54,30 @@ class Checkpoints:
             if d.is_dir() and d.name not in keep and (d.name.startswith("step-") or d.name.startswith(".step-")):
                 shutil.rmtree(d, ignore_errors=True)
 
+    def complete(self) -> list[str]:
+        """Names of the complete checkpoint directories, oldest first (interrupted writes are ``.step-*``)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(d.name for d in self.root.iterdir() if d.is_dir() and d.name.startswith("step-"))
+
     def latest_state(self) -> tuple[Path, dict] | None:
-        """``(directory, trainer state)`` of the latest checkpoint, or ``None`` if there is none."""
+        """``(directory, trainer state)`` of the latest checkpoint, or ``None`` if the run has none.
+
+        Raises:
+            CheckpointError: when checkpoints exist but ``latest`` does not name one of them (a
+                deleted or hand-edited pointer). Starting from step 0 instead would go on to delete
+                those checkpoints, so the error says how to pick one or start over.
+        """
         latest = self.pointer("latest")
-        if latest is None:
+        if latest is not None:
+            return latest, load_state(latest, "trainer")
+        present = self.complete()
+        if not present:
             return None
-        return latest, load_state(latest, "trainer")
+        f = self.root / "latest"
+        named = f.read_text(encoding="utf-8").strip() if f.is_file() else None
+        problem = f"{f} names {named!r}, which is not there" if named is not None else f"{f} is missing"
+        raise CheckpointError(
+            f"cannot resume: {problem}, but the run has checkpoints {present}; write the one to resume from into "
+            f"that file (e.g. echo {present[-1]} > {f}), or start over with --restart (resume=False), which deletes them"
+        )

@@ -229,8 +229,14 @@ def fit(
     """
     if on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
-    if steps < 0 or tasks_per_step <= 0 or val_every <= 0 or checkpoint_every <= 0 or log_every <= 0:
-        raise ConfigError("steps must be >= 0 and tasks_per_step, val_every, checkpoint_every, log_every > 0")
+    if steps < 0:
+        raise ConfigError(f"steps (train.steps) must be >= 0, got {steps}")
+    counts = {"tasks_per_step": tasks_per_step, "val_every": val_every, "checkpoint_every": checkpoint_every,
+              "log_every": log_every}
+    bad = {k: v for k, v in counts.items() if v <= 0}
+    if bad:
+        # The first three are train.* keys of the CLI's config; log_every is fit's own argument.
+        raise ConfigError(f"{', '.join(f'{k} must be > 0, got {v}' for k, v in bad.items())} (train.* in a config)")
     if tasks_per_backward is not None and tasks_per_backward <= 0:
         raise ConfigError(f"tasks_per_backward must be a positive number of tasks or None, got {tasks_per_backward}")
     device = distributed.setup(device)  # joins the process group under torchrun; a no-op on one process
