@@ -202,3 +202,12 @@ def test_eval_of_a_fixed_head_on_other_ways_and_transduction_without_batchnorm(t
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(sine), "--transductive", "--episodes", "2"]) == 2
     assert "has no BatchNorm layer" in capsys.readouterr().err
+
+
+def test_overrides_on_both_sides_of_an_option(tmp_path, capsys):
+    first, rest = CLUSTERS[:4], CLUSTERS[4:]
+    assert main(["train", "--config", "omniglot/protonet_5w1s", *first, "--run-dir", str(tmp_path / "r"), *rest]) == 0
+    assert "(95% CI, 10 episodes, clusters test, 5-way 1-shot)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a stray non-override is still refused
+        main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(tmp_path / "s"), *CLUSTERS, "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
