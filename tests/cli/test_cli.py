@@ -12,6 +12,9 @@ CLUSTERS = [
     "train.val_episodes=4", "train.checkpoint_every=3", "train.lr_decay_every=0",
     "eval.ways=5", "eval.episodes=10", "eval.queries=3",
 ]
+# Second-order MAML with a fixed 5-way head, on the same clusters.
+MAML_ON_CLUSTERS = ["model.learner=maml", "model.learner_args={inner_lr: 0.4, inner_steps: 1}",
+                    "model.backbone_args={in_channels: 1, hidden: 8, image_size: 16, num_classes: 5}", *CLUSTERS[1:]]
 
 
 def test_configs_lists_presets(capsys):
@@ -63,9 +66,7 @@ def test_python_m_entry_point():
 
 def test_eval_inner_steps_override(tmp_path, capsys):
     run = tmp_path / "maml"
-    maml = ["model.learner=maml", "model.learner_args={inner_lr: 0.4, inner_steps: 1}",
-            "model.backbone_args={in_channels: 1, hidden: 8, image_size: 16, num_classes: 5}", *CLUSTERS[1:]]
-    assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(run), *maml]) == 0
+    assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(run), *MAML_ON_CLUSTERS]) == 0
     capsys.readouterr()
     results = {}
     for steps in ("0", "5"):
@@ -189,9 +190,7 @@ def test_unavailable_cuda_is_a_clear_error(tmp_path, capsys):
 
 def test_eval_of_a_fixed_head_on_other_ways_and_transduction_without_batchnorm(tmp_path, capsys):
     run = tmp_path / "maml"
-    maml = ["model.learner=maml", "model.learner_args={inner_lr: 0.4, inner_steps: 1}",
-            "model.backbone_args={in_channels: 1, hidden: 8, image_size: 16, num_classes: 5}", *CLUSTERS[1:]]
-    assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(run), *maml]) == 0
+    assert main(["train", "--config", "omniglot/protonet_5w1s", "--run-dir", str(run), *MAML_ON_CLUSTERS]) == 0
     capsys.readouterr()
     for ways in ("8", "3"):  # 8 used to end in "IndexError: Target 5 is out of bounds"; 3 ran on 5 logits
         assert main(["eval", "--checkpoint", str(run), "--ways", ways, "--episodes", "2"]) == 2
