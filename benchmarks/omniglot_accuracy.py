@@ -11,6 +11,8 @@ wall-clock time at which validation accuracy first reached --target (from metric
 --transductive normalises each episode's queries with their own BatchNorm batch statistics
 (the "transduction" rows of the MAML and Reptile papers) instead of the support statistics;
 for Relation Networks, support and queries together, as in training (the authors' test code).
+--one-query-per-class (with --transductive) predicts the queries in batches of one per class, the test
+batches of the reference MAML and Reptile code, whose transductive figures those papers report.
 """
 
 from __future__ import annotations
@@ -48,8 +50,12 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=97.0, help="validation accuracy for time-to-accuracy")
     parser.add_argument("--transductive", action="store_true",
                         help="BatchNorm on the query batch's own statistics (gradient-based learners, Relation Networks)")
+    parser.add_argument("--one-query-per-class", action="store_true",
+                        help="with --transductive: query batches of one query per class (reference MAML/Reptile code)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.one_query_per_class and not args.transductive:
+        parser.error("--one-query-per-class changes only transductive predictions; add --transductive")
     tune_allocator()
     run_dir = Path(args.run_dir)
     learner = load(run_dir)
@@ -66,7 +72,8 @@ def main() -> None:
         ways, shots = (int(v) for v in spec.split(","))
         episodes = EpisodeSampler(test_set, ways, shots, args.queries, seed=args.seed).fixed_episodes(args.episodes, seed=args.seed)
         protocol = f"{cfg.data.dataset} {cfg.data.args.get('protocol', '')} {cfg.data.test_split}".replace("  ", " ")
-        res = evaluate(learner, episodes, protocol=protocol)
+        res = evaluate(learner, episodes, protocol=protocol,
+                       query_batches="one_per_class" if args.one_query_per_class else "all")
         print(res.line(), flush=True)
         results.append(res.to_dict())
     record = {
@@ -81,6 +88,7 @@ def main() -> None:
         "results": results,
         "eval_command": "python benchmarks/omniglot_accuracy.py " + " ".join(
             f"--eval {e}" for e in args.eval) + (" --transductive" if args.transductive else "")
+        + (" --one-query-per-class" if args.one_query_per_class else "")
         + f" --run-dir {args.run_dir} --out {args.out}",
     }
     C.write_record(record, args.out)

@@ -46,3 +46,45 @@ def test_evaluate_rejects_batched(clusters, small_conv4):
     batch = EpisodeSampler(clusters, 5, 1, 3).sample_batch(2)
     with pytest.raises(ValueError, match="unbatched"):
         evaluate(ProtoNet(small_conv4), [batch])
+
+
+def test_one_query_per_class_indices():
+    from metaxfer.evaluate import one_query_per_class
+
+    y = torch.tensor([2, 0, 1, 1, 0, 2, 0, 2, 1])
+    groups = one_query_per_class(y)
+    assert groups.shape == (3, 3)
+    for g in groups:  # each batch holds one query of every class, and the batches cover every query once
+        assert sorted(y[g].tolist()) == [0, 1, 2]
+    assert sorted(groups.flatten().tolist()) == list(range(9))
+    with pytest.raises(ValueError, match=r"same number of queries in every class, got \[2, 1\]"):
+        one_query_per_class(torch.tensor([0, 0, 1]))
+
+
+def test_query_batches_one_per_class(clusters):
+    """Transductive MAML: each batch of one query per class is normalised on its own, as in the reference code;
+    non-transductive prediction does not depend on the batching."""
+    from metaxfer import MAML
+    from metaxfer.backbones import create
+    from metaxfer.evaluate import one_query_per_class
+    from metaxfer.evaluate.evaluate import episode_accuracy
+    from metaxfer.tasks import Episode
+
+    torch.manual_seed(0)
+    learner = MAML(create("conv4", in_channels=1, hidden=8, image_size=16, num_classes=5), inner_lr=0.4, inner_steps=1)
+    episodes = EpisodeSampler(clusters, 5, 1, 4, seed=0).fixed_episodes(6, seed=0)
+    plain = evaluate(learner, episodes)
+    assert evaluate(learner, episodes, query_batches="one_per_class").accuracies == plain.accuracies
+    learner.set_transductive(True)
+    whole = evaluate(learner, episodes)
+    grouped = evaluate(learner, episodes, query_batches="one_per_class")
+    assert grouped.query_batches == "one_per_class" and "one query per class per batch" in grouped.line()
+    expected = []  # each batch as an episode of its own (same support, so the same adapted weights)
+    for ep in episodes:
+        parts = [episode_accuracy(learner, Episode(ep.support_x, ep.support_y, ep.query_x[g], ep.query_y[g]))
+                 for g in one_query_per_class(ep.query_y)]
+        expected.append(100.0 * sum(parts) / len(parts))
+    assert grouped.accuracies == pytest.approx(expected)
+    assert grouped.accuracies != whole.accuracies  # the batch statistics differ from the 20-query batch's
+    with pytest.raises(ValueError, match="query_batches must be one of"):
+        evaluate(learner, episodes, query_batches="per_class")

@@ -195,6 +195,10 @@ def test_eval_of_a_fixed_head_on_other_ways_and_transduction_without_batchnorm(t
     for ways in ("8", "3"):  # 8 used to end in "IndexError: Target 5 is out of bounds"; 3 ran on 5 logits
         assert main(["eval", "--checkpoint", str(run), "--ways", ways, "--episodes", "2"]) == 2
         assert f"episodes are {ways}-way" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run), "--query-batches", "one-per-class"]) == 2
+    assert "changes only transductive predictions" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run), "--transductive", "--query-batches", "one-per-class"]) == 0
+    assert "transductive, one query per class per batch)" in capsys.readouterr().out
     sine = tmp_path / "sine"
     assert main(["train", "--config", "sinusoid/maml_k5", "--run-dir", str(sine), "train.steps=2", "train.val_every=2",
                  "train.val_episodes=2", "eval.episodes=2"]) == 0

@@ -197,6 +197,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.inner_steps < 0:
             raise ConfigError(f"--inner-steps must be >= 0, got {args.inner_steps}")
         learner.eval_inner_steps = args.inner_steps
+    if args.query_batches != "all" and not args.transductive:
+        raise ConfigError("--query-batches one-per-class changes only transductive predictions (each batch's "
+                          "BatchNorm statistics normalise its queries); add --transductive or drop it")
     if args.transductive:
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in learner.modules()):
             raise ConfigError(f"--transductive changes how BatchNorm normalises queries, and {args.checkpoint} has no "
@@ -217,7 +220,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seed = cfg.eval.seed if args.seed is None else args.seed
     sampler = build_sampler(data_cfg, split, ways, shots, queries, seed)
     episodes = sampler.fixed_episodes(n, seed=seed)
-    res = evaluate(learner, episodes, protocol=_protocol(data_cfg, split), device=args.device, progress=args.progress)
+    res = evaluate(learner, episodes, protocol=_protocol(data_cfg, split), device=args.device, progress=args.progress,
+                   query_batches=args.query_batches.replace("-", "_"))
     if args.json:
         print(json.dumps({**res.to_dict(), "checkpoint": str(args.checkpoint)}, indent=2))
     else:
@@ -282,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transductive", action="store_true", help="normalise each episode's queries with their own "
                    "BatchNorm batch statistics, the papers' transduction protocol (gradient-based learners, "
                    "Relation Networks; default: non-transductive)")
+    p.add_argument("--query-batches", choices=("all", "one-per-class"), default="all",
+                   help="with --transductive: predict the queries at once (all, the default) or in batches of one "
+                   "query per class (one-per-class: the test batches of the reference MAML and Reptile code)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("configs", help="list packaged presets")

@@ -6,6 +6,7 @@ from metaxfer.evaluate.evaluate import (
     episode_mse,
     evaluate,
     mean_ci95,
+    one_query_per_class,
 )
 
-__all__ = ["EvalResult", "episode_accuracy", "episode_mse", "evaluate", "mean_ci95"]
+__all__ = ["EvalResult", "episode_accuracy", "episode_mse", "evaluate", "mean_ci95", "one_query_per_class"]

@@ -27,7 +27,8 @@ class EvalResult:
 
     For regression ``ways`` is ``None``, ``shots`` is the number of support
     points ``K`` and ``adapt_steps`` the learner's test-time gradient steps
-    (when it has them).
+    (when it has them). ``query_batches`` records how the queries were batched
+    (see :func:`evaluate`).
     """
 
     mean: float
@@ -45,6 +46,7 @@ class EvalResult:
     metric: str = "accuracy"
     adapt_steps: int | None = None
     mses: list[float] = field(default_factory=list, repr=False)
+    query_batches: str = "all"
 
     @property
     def higher_is_better(self) -> bool:
@@ -63,6 +65,8 @@ class EvalResult:
         """
         where = f", {self.protocol}" if self.protocol else ""
         mode = ", transductive" if self.transductive else ""
+        if self.query_batches == "one_per_class":
+            mode += ", one query per class per batch"
         if self.metric == "mse":
             steps = "" if self.adapt_steps is None else f", {self.adapt_steps} step{'s' if self.adapt_steps != 1 else ''}"
             return f"mse: {self.mean:.3f} ± {self.ci95:.3f} (95% CI, {self.n} tasks{where}, K={self.shots}{steps}{mode})"
@@ -91,12 +95,45 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float, float]:
     return mean, 1.96 * std / math.sqrt(n), std
 
 
-def episode_accuracy(learner: Learner, episode: Episode) -> float:
-    """Query accuracy (0–1) of ``learner`` adapted to one unbatched ``episode``."""
+QUERY_BATCHES = ("all", "one_per_class")
+
+
+def one_query_per_class(query_y: torch.Tensor) -> torch.Tensor:
+    """Indices ``[G, ways]`` that split a query set into ``G`` batches holding one query of every class.
+
+    The test batches of the reference MAML (Finn et al. 2017) and Reptile (Nichol et al. 2018) code: with
+    transductive BatchNorm, each batch of ``ways`` queries is normalised with its own statistics, like the
+    ``ways``-image support set of a 1-shot task. Batch ``g`` takes the ``g``-th query of each class.
+
+    Args:
+        query_y: ``[Q]`` labels ``0 .. ways-1``, the same number ``G`` of each.
+
+    Raises:
+        ValueError: when the classes have different numbers of queries.
+    """
+    ways = int(query_y.max().item()) + 1
+    counts = torch.bincount(query_y, minlength=ways)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"one query per class per batch needs the same number of queries in every class, got "
+                         f"{counts.tolist()}")
+    order = torch.argsort(query_y, stable=True)  # class-major
+    return order.view(ways, int(counts[0])).T
+
+
+def episode_accuracy(learner: Learner, episode: Episode, query_batches: str = "all") -> float:
+    """Query accuracy (0–1) of ``learner`` adapted to one unbatched ``episode``.
+
+    ``query_batches="all"`` predicts the whole query set at once; ``"one_per_class"`` in the batches of
+    :func:`one_query_per_class` (which only matters for transductive prediction, where a batch's
+    statistics normalise its own queries).
+    """
     predictor = learner.adapt(episode.support_x, episode.support_y)
     with torch.no_grad():
-        logits = predictor(episode.query_x)
-    return (logits.argmax(-1) == episode.query_y).float().mean().item()
+        if query_batches == "all":
+            return (predictor(episode.query_x).argmax(-1) == episode.query_y).float().mean().item()
+        correct = [predictor(episode.query_x[idx]).argmax(-1) == episode.query_y[idx]
+                   for idx in one_query_per_class(episode.query_y)]
+    return torch.cat(correct).float().mean().item()
 
 
 def episode_mse(learner: Learner, episode: Episode) -> float:
@@ -122,6 +159,7 @@ def evaluate(
     protocol: str | None = None,
     progress: bool = False,
     distributed: bool = False,
+    query_batches: str = "all",
 ) -> EvalResult:
     """Evaluate ``learner`` on a fixed set of episodes.
 
@@ -148,13 +186,20 @@ def evaluate(
             the single-process result (mean, CI, ``n``). Every rank must call
             it with the same episodes (a sequence: it is indexed). Without a
             process group it changes nothing.
+        query_batches: ``"all"`` (the query set in one batch) or ``"one_per_class"``
+            (batches of one query per class, :func:`one_query_per_class`: the test
+            batches of the reference MAML and Reptile code, whose transductive
+            figures the papers report). Only transductive predictions depend on it.
 
     Returns:
         :class:`EvalResult` with mean ± 95% CI (accuracy in percent, or MSE).
 
     Raises:
-        ValueError: for batched episodes, or episodes that mix classification and regression.
+        ValueError: for batched episodes, episodes that mix classification and regression, an unknown
+            ``query_batches``, or ``"one_per_class"`` on regression episodes or unequal class counts.
     """
+    if query_batches not in QUERY_BATCHES:
+        raise ValueError(f"query_batches must be one of {QUERY_BATCHES}, got {query_batches!r}")
     if device is None:
         first = next(learner.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -188,13 +233,15 @@ def evaluate(
                              "evaluate them separately")
         metric = this
         if metric == "mse":
+            if query_batches != "all":
+                raise ValueError("query_batches='one_per_class' needs classification episodes (regression has no classes)")
             ways, shots, queries = None, episode.support_y.shape[0], episode.query_y.shape[0]
             scores.append(episode_mse(learner, episode.to(device)))
         else:
             ways = episode.ways
             shots = episode.support_y.numel() // max(ways, 1)
             queries = episode.query_y.numel() // max(ways, 1)
-            scores.append(100.0 * episode_accuracy(learner, episode.to(device)))
+            scores.append(100.0 * episode_accuracy(learner, episode.to(device), query_batches))
     if split:
         # Python floats travel pickled (exact); blocks come back in rank order = episode order, so the
         # summary below is computed from the very list a single process would have.
@@ -213,4 +260,5 @@ def evaluate(
                       transductive=bool(getattr(learner, "transductive", False)), seed=meta.get("seed"),
                       fingerprint=meta.get("fingerprint"), protocol=protocol,
                       accuracies=[] if regression else scores, metric=metric or "accuracy",
-                      adapt_steps=int(steps) if steps is not None else None, mses=scores if regression else [])
+                      adapt_steps=int(steps) if steps is not None else None, mses=scores if regression else [],
+                      query_batches=query_batches)
