@@ -170,7 +170,8 @@ def _train_and_test(args: argparse.Namespace) -> int:
     episodes = test_sampler.fixed_episodes(e.episodes, seed=e.seed)
     res = evaluate(best, episodes, protocol=_protocol(cfg.data, cfg.data.test_split), distributed=True)
     if main:
-        atomic_write_json(run_dir / "test_result.json", {**res.to_dict(), "checkpoint": str(best.card.get("trained_steps")),
+        # checkpoint_step: the step of the tested (best-on-validation) checkpoint, a number.
+        atomic_write_json(run_dir / "test_result.json", {**res.to_dict(), "checkpoint_step": best.card.get("trained_steps"),
                                                          "command": command})
         print(res.line(), flush=True)
     return 0
