@@ -60,6 +60,7 @@ def test_exponent_numbers_are_numbers_everywhere(tmp_path):
     ("eval.ways=true", r"eval.ways must be an integer, got True \(bool\)"),
     ("train.grad_clip=off", r"train.grad_clip must be a number or null, got False \(bool\)"),  # YAML: off is false
     ("train.grad_clip=high", r"train.grad_clip must be a number or null, got .high."),
+    ("model.learner_args=5", r"model.learner_args must be a mapping \({key: value, ...}\), got 5 \(int\)"),
 ])
 def test_value_of_the_wrong_type_names_key_and_type(override, message):
     with pytest.raises(ConfigError, match=message):

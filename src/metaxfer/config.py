@@ -7,8 +7,12 @@ that lists the valid ones.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import re
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -128,39 +132,71 @@ def load_yaml(text: str | IO[str]) -> Any:
     return yaml.load(text, Loader=_Loader)  # safe: _Loader is a SafeLoader subclass
 
 
-def _check_scalar(value: Any, annotation: str, key: str) -> Any:
-    """``value`` as the field's declared scalar type (``"int"``, ``"float | None"``, ...), or a ConfigError.
+def value_kind(annotation: Any) -> tuple[Callable[[Any], bool], str] | None:
+    """``(check(value) -> bool, description)`` of a type annotation, or ``None`` for one that cannot be checked.
 
-    An integral float is accepted where an integer is declared (``train.steps=1e4``); other annotations
-    (mappings, ``Any``) pass through unchecked.
+    For the settings people type (``int``, ``float``, ``str``, ``bool``, ``None``, their unions and lists
+    of numbers or strings): ``value_kind(float | None)`` accepts ``0.1`` and ``None`` and reads "a number or null".
     """
-    kinds = {k.strip() for k in annotation.split("|")}
-    if value is None and "None" in kinds:
-        return None
-    if "float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if "int" in kinds and not isinstance(value, bool):
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    if "str" in kinds and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)  # e.g. a data root named 2024
-    if "bool" in kinds and isinstance(value, bool):
+    if annotation is bool:
+        return (lambda v: isinstance(v, bool)), "true or false"
+    if annotation is int:
+        return (lambda v: isinstance(v, int) and not isinstance(v, bool)), "an integer"
+    if annotation is float:
+        return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"
+    if annotation is str:
+        return (lambda v: isinstance(v, str)), "a string"
+    if annotation is type(None):
+        return (lambda v: v is None), "null"
+    origin, members = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is dict or origin is dict:
+        return (lambda v: isinstance(v, dict)), "a mapping ({key: value, ...})"
+    if origin in (typing.Union, types.UnionType):
+        kinds = [value_kind(m) for m in members]
+        if any(k is None for k in kinds):
+            return None
+        return (lambda v: any(check(v) for check, _ in kinds)), " or ".join(d for _, d in kinds)  # type: ignore[misc]
+    if origin in (list, tuple, collections.abc.Sequence) and len(members) in (1, 2):
+        if len(members) == 2 and members[1] is not Ellipsis:
+            return None  # a fixed-length tuple: not worth describing
+        item = value_kind(members[0])
+        if item is None:
+            return None
+        check, description = item
+        plural = {"an integer": "integers", "a number": "numbers", "a string": "strings"}.get(description)
+        if plural is None:
+            return None
+        return (lambda v: isinstance(v, (list, tuple)) and all(check(x) for x in v)), f"a list of {plural}"
+    return None
+
+
+def _check_scalar(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` as a field of type ``annotation`` (``int``, ``float | None``, ...) holds it, or a ConfigError.
+
+    Coerced first as YAML and the command line would mean it: an integer where a float is declared, an
+    integral float where an integer is (``train.steps=1e4``), a number where text is (a data root named
+    ``2024``). Annotations :func:`value_kind` cannot check (mappings, ``Any``) pass through.
+    """
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = set(typing.get_args(annotation)) if union else {annotation}
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if float in kinds and number:
+        value = float(value)
+    elif int in kinds and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif str in kinds and number:
+        value = str(value)
+    kind = value_kind(annotation)
+    if kind is None or kind[0](value):
         return value
-    expected = {"float": "a number", "int": "an integer", "str": "text", "bool": "true or false"}
-    wanted = [expected[k] for k in ("float", "int", "str", "bool") if k in kinds]
-    if not wanted:
-        return value
-    if "None" in kinds:
-        wanted.append("null")
-    raise ConfigError(f"{key} must be {' or '.join(wanted)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key} must be {kind[1]}, got {value!r} ({type(value).__name__})")
 
 
 def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
@@ -174,7 +210,7 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
         if section is not None:
             kwargs[name] = _from_dict(section, value or {}, f"{where}.{name}" if where else name)
         else:
-            kwargs[name] = _check_scalar(value, str(fields[name].type), f"{where}.{name}" if where else name)
+            kwargs[name] = _check_scalar(value, hints[name], f"{where}.{name}" if where else name)
     return cls(**kwargs)
 
 

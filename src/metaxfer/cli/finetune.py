@@ -40,20 +40,17 @@ Example:
 from __future__ import annotations
 
 import argparse
-import collections.abc
 import inspect
 import logging
 import math
 import shlex
 import sys
 import time
-import types
-import typing
 import warnings
 from pathlib import Path
 from typing import Any
 
-from metaxfer.config import load_yaml
+from metaxfer.config import load_yaml, value_kind
 from metaxfer.errors import CheckpointError, ConfigError, DataError, MetaxferError
 
 logger = logging.getLogger(__name__)
@@ -147,38 +144,6 @@ def _backbone_params(name: str) -> tuple[dict[str, inspect.Parameter], dict[str,
     return BACKBONES.parameters(name)
 
 
-def _kind(annotation: Any) -> tuple[Any, str] | None:
-    """``(check(value) -> bool, description)`` of a parameter annotation, or ``None`` for one we cannot check."""
-    if annotation is bool:
-        return (lambda v: isinstance(v, bool)), "true or false"
-    if annotation is int:
-        return (lambda v: isinstance(v, int) and not isinstance(v, bool)), "an integer"
-    if annotation is float:
-        return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"
-    if annotation is str:
-        return (lambda v: isinstance(v, str)), "a string"
-    if annotation is type(None):
-        return (lambda v: v is None), "null"
-    origin, members = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        kinds = [_kind(m) for m in members]
-        if any(k is None for k in kinds):
-            return None
-        return (lambda v: any(check(v) for check, _ in kinds)), " or ".join(d for _, d in kinds)  # type: ignore[misc]
-    if origin in (list, tuple, collections.abc.Sequence) and len(members) in (1, 2):
-        if len(members) == 2 and members[1] is not Ellipsis:
-            return None  # a fixed-length tuple: not worth describing
-        item = _kind(members[0])
-        if item is None:
-            return None
-        check, description = item
-        plural = {"an integer": "integers", "a number": "numbers", "a string": "strings"}.get(description)
-        if plural is None:
-            return None
-        return (lambda v: isinstance(v, (list, tuple)) and all(check(x) for x in v)), f"a list of {plural}"
-    return None
-
-
 def _yaml_value(value: Any) -> str:
     """``value`` as a ``KEY=VALUE`` command-line value reads it back (``true``, ``[40,40]``, ``batchnorm``)."""
     if isinstance(value, bool):
@@ -217,7 +182,7 @@ def _check_backbone_args(name: str, args: dict[str, Any], pretrained: bool) -> N
         raise ConfigError(f"backbone {name!r} has no argument {', '.join(map(repr, unknown))} ({given}); "
                           f"it takes: {', '.join(params)}")
     for key, value in args.items():
-        kind = _kind(hints.get(key))
+        kind = value_kind(hints.get(key))
         if kind is not None and not kind[0](value):
             default = params[key].default
             example = ("" if default is inspect.Parameter.empty or default is None
