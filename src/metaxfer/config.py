@@ -175,7 +175,7 @@ def _check_scalar(value: Any, annotation: Any, key: str) -> Any:
 
     Coerced first as YAML and the command line would mean it: an integer where a float is declared, an
     integral float where an integer is (``train.steps=1e4``), a number where text is (a data root named
-    ``2024``). Annotations :func:`value_kind` cannot check (mappings, ``Any``) pass through.
+    ``2024``). Annotations :func:`value_kind` cannot check (``Any``) pass through.
     """
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     kinds = set(typing.get_args(annotation)) if union else {annotation}
