@@ -81,7 +81,7 @@ def _layer_lrs(items: list[str] | None) -> dict[str, float]:
         # YAML reads `true` as a bool and an empty value as None: neither is a rate (float(True) would be 1.0).
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                lr = float(value)  # PyYAML leaves 1e-3 a string: float() reads it
+                lr = float(value)  # also a quoted number ('0.001')
             except ValueError:
                 lr = math.nan
         if not 0 < lr < math.inf:
@@ -137,13 +137,6 @@ def _create(name: str, args: dict[str, Any]) -> Any:
                           "check --backbone-arg") from None
 
 
-def _backbone_params(name: str) -> tuple[dict[str, inspect.Parameter], dict[str, Any]] | None:
-    """The keyword arguments backbone ``name`` takes and their annotations (``None`` if unknowable)."""
-    from metaxfer.backbones.registry import BACKBONES
-
-    return BACKBONES.parameters(name)
-
-
 def _yaml_value(value: Any) -> str:
     """``value`` as a ``KEY=VALUE`` command-line value reads it back (``true``, ``[40,40]``, ``batchnorm``)."""
     if isinstance(value, bool):
@@ -155,7 +148,9 @@ def _yaml_value(value: Any) -> str:
 
 def _takes_pretrained(name: str) -> bool:
     """Whether backbone ``name`` has a ``pretrained`` argument (weights to load), from its signature alone."""
-    found = _backbone_params(name)
+    from metaxfer.backbones.registry import BACKBONES
+
+    found = BACKBONES.parameters(name)
     return found is not None and "pretrained" in found[0]
 
 
@@ -165,9 +160,9 @@ def _check_backbone_args(name: str, args: dict[str, Any], pretrained: bool) -> N
     A wrong kind otherwise fails deep inside torch with a message that names neither the argument nor its
     value (``hidden='abc'`` gives "not all arguments converted during string formatting").
     """
-    from metaxfer.backbones.registry import list_backbones
+    from metaxfer.backbones.registry import BACKBONES, list_backbones
 
-    found = _backbone_params(name)
+    found = BACKBONES.parameters(name)
     if found is None:
         return  # a factory taking **kwargs we cannot see through: the constructor's own error is reported
     params, hints = found

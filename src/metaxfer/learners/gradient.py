@@ -384,11 +384,6 @@ class MAML(Learner):
         out = self._query_outputs({**fixed, **adapted}, support_x, query_x)
         return self.loss_fn(out, query_y), out.detach(), inner_losses
 
-    def _check_outputs(self, support_x: Tensor, support_y: Tensor) -> None:
-        """:func:`check_output_ways` on one task (``[S, *x_shape]``, ``[S]``) with the learner's weights."""
-        params, fixed = self._split_params(detach=True)
-        check_output_ways(self.model, {**fixed, **params}, support_x, support_y, self._checked_ways)
-
     @staticmethod
     def _raise_on_nonfinite(inner_losses: Tensor) -> None:
         """Name the first task and inner step whose support loss is NaN or infinite (``[T, steps]``)."""
@@ -418,8 +413,8 @@ class MAML(Learner):
             NonFiniteLossError: a support loss became NaN/inf (names task and step).
         """
         batch = batch.batch()
-        self._check_outputs(batch.support_x[0], batch.support_y[0])
         params, fixed = self._split_params(detach=False)
+        check_output_ways(self.model, {**fixed, **params}, batch.support_x[0], batch.support_y[0], self._checked_ways)
         lr = self._inner_lr(detach=False)
         vectorize = self.vectorize if self.vectorize is not None else (
             batch.support_x.device.type != "cpu" or not self._wide_convolution)
@@ -469,10 +464,10 @@ class MAML(Learner):
             EpisodeError: the model's output size differs from the task's ways.
             NonFiniteLossError: the support loss became NaN/inf (names the step).
         """
-        self._check_outputs(support_x, support_y)
         # Detached inputs: the inner gradients come from torch.func.grad (which works under an
         # outer no_grad too), and no graph back to the learner's parameters is built.
         params, fixed = self._split_params(detach=True)
+        check_output_ways(self.model, {**fixed, **params}, support_x, support_y, self._checked_ways)
         adapted, inner = self._adapt_params(params, fixed, support_x, support_y, self.eval_inner_steps,
                                             self._inner_lr(detach=True))
         self._raise_on_nonfinite(inner.unsqueeze(0))
